@@ -76,13 +76,13 @@ CHAINRULE_HOST_DEVICE T activation_forward(T z) {
   } else if constexpr (A == Activation::relu) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == Activation::gelu) {
-    return z * (T(0.5) + T(0.5) * erf(z * C::inv_sqrt2));
+    return z * (T(0.5) + T(0.5) * math::erf(z * C::inv_sqrt2));
   } else if constexpr (A == Activation::gelu_tanh) {
     T inner = C::sqrt_2_over_pi * (z + C::tanh_coeff * z * z * z);
-    return T(0.5) * z * (T(1) + tanh(inner));
+    return T(0.5) * z * (T(1) + math::tanh(inner));
   } else {
     static_assert(A == Activation::silu, "unhandled activation");
-    return z / (T(1) + exp(-z));
+    return z / (T(1) + math::exp(-z));
   }
 }
 
@@ -95,18 +95,18 @@ CHAINRULE_HOST_DEVICE T activation_derivative(T z) {
   } else if constexpr (A == Activation::relu) {
     return z > T(0) ? T(1) : T(0);
   } else if constexpr (A == Activation::gelu) {
-    T cdf = T(0.5) + T(0.5) * erf(z * C::inv_sqrt2);
-    T pdf = C::inv_sqrt_2pi * exp(T(-0.5) * z * z);
+    T cdf = T(0.5) + T(0.5) * math::erf(z * C::inv_sqrt2);
+    T pdf = C::inv_sqrt_2pi * math::exp(T(-0.5) * z * z);
     return cdf + z * pdf;
   } else if constexpr (A == Activation::gelu_tanh) {
     T z2 = z * z;
     T inner = C::sqrt_2_over_pi * (z + C::tanh_coeff * z2 * z);
-    T th = tanh(inner);
+    T th = math::tanh(inner);
     T d_inner = C::sqrt_2_over_pi * (T(1) + T(3) * C::tanh_coeff * z2);
     return T(0.5) * (T(1) + th) + T(0.5) * z * (T(1) - th * th) * d_inner;
   } else {
     static_assert(A == Activation::silu, "unhandled activation");
-    T s = T(1) / (T(1) + exp(-z));
+    T s = T(1) / (T(1) + math::exp(-z));
     return s * (T(1) + z * (T(1) - s));
   }
 }
@@ -119,19 +119,19 @@ CHAINRULE_HOST_DEVICE T activation_second_derivative(T z) {
   if constexpr (A == Activation::none || A == Activation::relu) {
     return T(0);
   } else if constexpr (A == Activation::gelu) {
-    T pdf = C::inv_sqrt_2pi * exp(T(-0.5) * z * z);
+    T pdf = C::inv_sqrt_2pi * math::exp(T(-0.5) * z * z);
     return pdf * (T(2) - z * z);
   } else if constexpr (A == Activation::gelu_tanh) {
     T z2 = z * z;
     T inner = C::sqrt_2_over_pi * (z + C::tanh_coeff * z2 * z);
-    T th = tanh(inner);
+    T th = math::tanh(inner);
     T sech2 = T(1) - th * th;
     T d_inner = C::sqrt_2_over_pi * (T(1) + T(3) * C::tanh_coeff * z2);
     T dd_inner = C::sqrt_2_over_pi * T(6) * C::tanh_coeff * z;
     return sech2 * d_inner + T(0.5) * z * (T(-2) * th * sech2 * d_inner * d_inner + sech2 * dd_inner);
   } else {
     static_assert(A == Activation::silu, "unhandled activation");
-    T s = T(1) / (T(1) + exp(-z));
+    T s = T(1) / (T(1) + math::exp(-z));
     return s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));
   }
 }

@@ -79,7 +79,7 @@ CHAINRULE_HOST_DEVICE AdamScalars<T> adam_scalars(const AdamOptions& o, double l
   double bias_correction1 = 1.0 - adam_power(o.beta1, step);
   double bias_correction2 = 1.0 - adam_power(o.beta2, step);
   s.step_size = static_cast<T>(lr / bias_correction1);
-  s.bias_correction2_sqrt = static_cast<T>(sqrt(bias_correction2));
+  s.bias_correction2_sqrt = static_cast<T>(math::sqrt(bias_correction2));
   s.decay_factor = static_cast<T>(1.0 - lr * o.weight_decay);
   s.weight_decay = static_cast<T>(o.weight_decay);
   s.one_minus_beta1 = static_cast<T>(1.0 - o.beta1);
@@ -109,18 +109,18 @@ CHAINRULE_HOST_DEVICE void adam_update_element(T& param, T grad, T& exp_avg, T& 
     if (s.decoupled_weight_decay) {
       p = p * s.decay_factor;
     } else {
-      g = fma(s.weight_decay, p, g);
+      g = math::fma(s.weight_decay, p, g);
     }
   }
-  T m = fma(s.one_minus_beta1, g - exp_avg, exp_avg);
-  T v = fma(s.one_minus_beta2 * g, g, s.beta2 * exp_avg_sq);
+  T m = math::fma(s.one_minus_beta1, g - exp_avg, exp_avg);
+  T v = math::fma(s.one_minus_beta2 * g, g, s.beta2 * exp_avg_sq);
   T v_used = v;
   if (s.amsgrad) {
     v_used = max_exp_avg_sq > v ? max_exp_avg_sq : v;
     max_exp_avg_sq = v_used;
   }
-  T denom = sqrt(v_used) / s.bias_correction2_sqrt + s.eps;
-  param = fma(-s.step_size, m / denom, p);
+  T denom = math::sqrt(v_used) / s.bias_correction2_sqrt + s.eps;
+  param = math::fma(-s.step_size, m / denom, p);
   exp_avg = m;
   exp_avg_sq = v;
 }
