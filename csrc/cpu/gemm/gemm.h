@@ -1,0 +1,62 @@
+// Our CPU GEMM with the linear layer's epilogues fused (see ARCHITECTURE.md, "CPU GEMM").
+//
+//   C (m x n, row-major) = act( op(A) · op(B) + bias )          forward  X·Wᵀ
+//   C                    = (dY ⊙ act'(pre)) · W                  dgrad    dZ·W
+//   C                   += (dY ⊙ act'(pre))ᵀ · X                 wgrad    dZᵀ·X, beta = 1
+//
+// A (m x k) and B (k x n) are strided views of torch's row-major tensors: exactly one of each
+// view's strides is 1, which covers the three layouts without copies. The activation derivative
+// is applied to A while it is packed; the bias, the activation, the pre-activation store and the
+// beta = 1 accumulation are applied while the micro-tile is written back.
+#pragma once
+
+#include <cstdint>
+
+#include "chainrule/activation.h"
+#include "cpu/isa.h"
+
+namespace chainrule::cpu::gemm {
+
+enum class ElementType : int { float32, bfloat16 };
+
+struct Problem {
+  int64_t m = 0, n = 0, k = 0;
+  ElementType type = ElementType::float32;  // of A, B, C, bias, pre_activation, a_pre
+
+  // A(i, p) = a[i * a_row_stride + p * a_col_stride]; one of the two strides is 1.
+  const void* a = nullptr;
+  int64_t a_row_stride = 0, a_col_stride = 0;
+  // When activation_grad != none, A(i, p) is replaced by A(i, p) * act'(a_pre(i, p)) while it
+  // is packed (a_pre has A's strides): dZ = dY ⊙ act'(pre-activation).
+  Activation activation_grad = Activation::none;
+  const void* a_pre = nullptr;
+  // When set, a_row_sums[i] += Σ_p A(i, p) (after the derivative): the bias gradient of wgrad.
+  float* a_row_sums = nullptr;
+
+  // B(p, j) = b[p * b_row_stride + j * b_col_stride]; one of the two strides is 1.
+  const void* b = nullptr;
+  int64_t b_row_stride = 0, b_col_stride = 0;
+
+  void* c = nullptr;  // row-major, leading dimension ldc
+  int64_t ldc = 0;
+  bool accumulate = false;  // C += A·B (beta = 1) instead of C = ...
+
+  // Forward epilogue: z = A·B + bias; pre_activation = z (ldc); C = act(z).
+  const void* bias = nullptr;  // length n
+  Activation activation = Activation::none;
+  void* pre_activation = nullptr;
+};
+
+// Whether our kernels run `problem` with `isa` (fp32 needs avx2 or avx512; bf16 needs avx512
+// with AVX512_BF16). Otherwise the caller uses ATen's GEMM.
+bool supports(CpuIsa isa, ElementType type);
+
+// out[i] = act(in[i]) (or act'(in[i]) when `derivative`) with the vector activations that the
+// kernels of `isa` use (avx512 or avx2); exposed so tests can hold them against activation.h.
+void activation_map(CpuIsa isa, Activation activation, bool derivative, const float* in,
+                    float* out, int64_t n);
+
+// Runs `problem` on at::get_num_threads() threads. Requires supports(isa, problem.type).
+void run(const Problem& problem, CpuIsa isa);
+
+}  // namespace chainrule::cpu::gemm

@@ -1,0 +1,175 @@
+// AVX-512 micro-kernels: fp32 (vfmadd231ps) and bf16 (vdpbf16ps, fp32 accumulation), 14 x 32
+// tiles. This file alone is compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq
+// -mavx512bf16 -mfma; it is entered only after cpu/isa.cpp found those features.
+//
+// 14 x 32: 28 zmm accumulators + 2 zmm for the B row + the A value broadcast from memory
+// ({1to16} operand) = 30 of the 32 zmm registers. Per k: 2 loads of B, 14 broadcasts,
+// 28 FMAs, so the two FMA pipes stay ahead of the load ports.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+// GCC 12 warns about the _mm512_undefined_* values inside its own intrinsic headers
+// (-Wmaybe-uninitialized false positives); nothing of ours is uninitialised.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "chainrule/activation.h"
+#include "cpu/gemm/gemm_kernels.h"
+
+namespace chainrule::cpu::gemm {
+namespace avx512 {
+
+#include "cpu/gemm/simd_avx512.h"
+#include "cpu/gemm/simd_math.h"
+
+inline __mmask16 lanes(int n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max(n, 0)) - 1u);
+}
+
+struct CommonF32Io {
+  using V = VecF512;
+  static __m512 load_f32(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  static void store_f32(float* p, __m512 v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+  static float reduce_add(__m512 v) { return _mm512_reduce_add_ps(v); }
+};
+
+constexpr int kMr = 14;
+constexpr int kNr = 32;
+
+struct KernelF32 : CommonF32Io {
+  using In = float;
+  static constexpr int MR = kMr, NR = kNr, KU = 1;
+  static __m512 load(const float* p, int n) { return load_f32(p, n); }
+  static void store(float* p, __m512 v, int n) { store_f32(p, v, n); }
+  static __m512 round_to_input(__m512 v) { return v; }
+
+  static void compute(int64_t kcu, const uint32_t* a_panel, const uint32_t* b_panel, float* tile) {
+    const float* a = reinterpret_cast<const float*>(a_panel);
+    const float* b = reinterpret_cast<const float*>(b_panel);
+    __m512 acc[MR][2];
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kcu; ++k) {
+      const __m512 b0 = _mm512_loadu_ps(b);
+      const __m512 b1 = _mm512_loadu_ps(b + 16);
+      _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
+#pragma GCC unroll 14
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
+      a += MR;
+      b += NR;
+    }
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; ++r) {
+      _mm512_store_ps(tile + r * NR, acc[r][0]);
+      _mm512_store_ps(tile + r * NR + 16, acc[r][1]);
+    }
+  }
+};
+
+struct KernelBF16 : CommonF32Io {
+  using In = uint16_t;  // bf16 bits
+  static constexpr int MR = kMr, NR = kNr, KU = 2;
+
+  static __m512 widen(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  static __m256i narrow(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // round to nearest even
+  static __m512 load(const uint16_t* p, int n) { return widen(_mm256_maskz_loadu_epi16(lanes(n), p)); }
+  static void store(uint16_t* p, __m512 v, int n) { _mm256_mask_storeu_epi16(p, lanes(n), narrow(v)); }
+  static __m512 round_to_input(__m512 v) { return widen(narrow(v)); }
+  static uint16_t bf16_bits(float rounded) {
+    uint32_t bits;
+    std::memcpy(&bits, &rounded, sizeof bits);
+    return static_cast<uint16_t>(bits >> 16);
+  }
+  // Units (even k, odd k) from two already-rounded vectors, n lanes.
+  static void store_pairs(uint32_t* dst, __m512 even, __m512 odd, int n) {
+    __m512i lo = _mm512_cvtepu16_epi32(narrow(even));
+    __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow(odd)), 16);
+    _mm512_mask_storeu_epi32(dst, lanes(n), _mm512_or_si512(lo, hi));
+  }
+  // 16 units from rows k (row0) and k + 1 (row1, or zeros when null), n valid columns.
+  static void store_pair_rows(uint32_t* dst, const uint16_t* row0, const uint16_t* row1, int n) {
+    __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), row0));
+    __m512i hi = row1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), row1)), 16)
+                      : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+  }
+
+  static void compute(int64_t kcu, const uint32_t* a, const uint32_t* b_panel, float* tile) {
+    const __m512i* b = reinterpret_cast<const __m512i*>(b_panel);
+    __m512 acc[MR][2];
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kcu; ++k) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 1);
+      _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
+#pragma GCC unroll 14
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      }
+      a += MR;
+      b += 2;
+    }
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; ++r) {
+      _mm512_store_ps(tile + r * NR, acc[r][0]);
+      _mm512_store_ps(tile + r * NR + 16, acc[r][1]);
+    }
+  }
+};
+
+#include "cpu/gemm/gemm_driver.h"
+
+template <class Io>
+void activation_map_impl(Activation activation, bool derivative, const float* in, float* out,
+                         int64_t n) {
+  using V = typename Io::V;
+  chainrule::dispatch_activation(activation, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    for (int64_t i = 0; i < n; i += V::width) {
+      const int w = static_cast<int>(std::min<int64_t>(V::width, n - i));
+      auto v = Io::load_f32(in + i, w);
+      v = derivative ? simd_activation_derivative<A, V>(v) : simd_activation_forward<A, V>(v);
+      Io::store_f32(out + i, v, w);
+    }
+  });
+}
+
+// Blocking (see ARCHITECTURE.md, "CPU GEMM"): kc x nr B micro-panel in L1, mc x kc A block in
+// L2, kc x nc B block in L2/L3.
+constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/256, /*mc=*/kMr * 12, /*nc=*/kNr * 128};
+constexpr Blocking kBF16Blocking{kMr, kNr, /*kc=*/512, /*mc=*/kMr * 12, /*nc=*/kNr * 128};
+
+void run_f32(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool owns,
+             const Workspace& ws) {
+  run_block<KernelF32>(p, kF32Blocking, m0, m1, n0, n1, owns, ws);
+}
+void run_bf16(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool owns,
+              const Workspace& ws) {
+  run_block<KernelBF16>(p, kBF16Blocking, m0, m1, n0, n1, owns, ws);
+}
+
+}  // namespace avx512
+
+void avx512_activation_map(Activation activation, bool derivative, const float* in, float* out,
+                            int64_t n) {
+  avx512::activation_map_impl<avx512::CommonF32Io>(activation, derivative, in, out, n);
+}
+
+const KernelSet* avx512_kernels(ElementType type) {
+  static const KernelSet f32{avx512::kF32Blocking, &avx512::run_f32};
+  static const KernelSet bf16{avx512::kBF16Blocking, &avx512::run_bf16};
+  return type == ElementType::float32 ? &f32 : &bf16;
+}
+
+}  // namespace chainrule::cpu::gemm

@@ -1,0 +1,49 @@
+// Internal interface between the ISA-neutral GEMM front end (gemm.cpp: threading, workspace)
+// and the per-ISA translation units (gemm_avx512.cpp, gemm_avx2.cpp), which are the only files
+// compiled with -mavx512* / -mavx2 flags.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/gemm/gemm.h"
+
+namespace chainrule::cpu::gemm {
+
+// Packed panels are stored in 4-byte units: one float (fp32) or one pair of bf16 values adjacent
+// in k (bf16, the operand layout of vdpbf16ps).
+struct Blocking {
+  int mr, nr;          // micro-tile
+  int64_t kc, mc, nc;  // cache blocks, in elements of k, m, n (kc is even)
+};
+
+// Per-thread scratch handed to a block by the front end.
+struct Workspace {
+  uint32_t* a_pack;  // ceil(mc / mr) * mr * ceil(kc / 2 or 1) units
+  uint32_t* b_pack;  // ceil(nc / nr) * nr * ... units
+  float* partial;    // non-fp32 outputs with k > kc: fp32 partial sums, rows x nc
+  int64_t partial_ld;
+};
+
+// Computes the rows [m0, m1) x columns [n0, n1) of `problem` on the calling thread. The thread
+// owning column 0 (`owns_row_sums`) adds to problem.a_row_sums.
+using BlockFn = void (*)(const Problem& problem, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                         bool owns_row_sums, const Workspace& workspace);
+
+struct KernelSet {
+  Blocking blocking;
+  BlockFn run_block;
+};
+
+// nullptr when this build or this element type has no kernel for the ISA.
+const KernelSet* avx512_kernels(ElementType type);
+const KernelSet* avx2_kernels(ElementType type);
+
+// out[i] = act(in[i]) or act'(in[i]) with the ISA's vector activations (tests compare them with
+// the scalar functions of chainrule/activation.h).
+void avx512_activation_map(Activation activation, bool derivative, const float* in, float* out,
+                           int64_t n);
+void avx2_activation_map(Activation activation, bool derivative, const float* in, float* out,
+                         int64_t n);
+
+}  // namespace chainrule::cpu::gemm
