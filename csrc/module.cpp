@@ -29,7 +29,7 @@ pybind11::dict build_info() {
   }
   info["cuda_architectures"] = archs;
   info["cpu_simd"] = "scalar";
-  info["emulator_available"] = static_cast<bool>(CHAINRULE_WITH_EMULATOR);
+  info["emulator_available"] = static_cast<bool>(CHAINRULE_EMULATOR_HOOKS);
   return info;
 }
 
