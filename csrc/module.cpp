@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "backend.h"
+#include "cpu/isa.h"  // [cpu-gemm]
 
 #if CHAINRULE_WITH_EMULATOR && __has_include("emu/emu.h")
 #define CHAINRULE_EMULATOR_HOOKS 1
@@ -10,6 +11,11 @@
 #else
 #define CHAINRULE_EMULATOR_HOOKS 0
 #endif
+
+// [cpu-gemm] ISA switch, vector activations and raw GEMM hooks: csrc/cpu/python_hooks.cpp.
+namespace chainrule::cpu {
+void add_python_hooks(pybind11::module_& m);
+}  // namespace chainrule::cpu
 
 namespace {
 
@@ -28,7 +34,7 @@ pybind11::dict build_info() {
     start = comma + 1;
   }
   info["cuda_architectures"] = archs;
-  info["cpu_simd"] = "scalar";
+  info["cpu_simd"] = chainrule::cpu::isa_name();  // [cpu-gemm] active ISA
   info["emulator_available"] = static_cast<bool>(CHAINRULE_EMULATOR_HOOKS);
   return info;
 }
@@ -38,6 +44,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "chainrule's compiled kernels; use the chainrule package, not this module";
   m.def("build_info", &build_info, "How this chainrule was built (a dict)");
+  chainrule::cpu::add_python_hooks(m);  // [cpu-gemm]
   m.def("_set_host_backend",
         [](const std::string& name) {
           if (name == "cpu") {

@@ -3,17 +3,26 @@
 //   forward:  Z = X W^T + b,  Y = act(Z)              (Z kept for backward when asked)
 //   backward: dZ = dY * act'(Z);  dX = dZ W;  dW = dZ^T X (or dW += ...);  db = sum_rows dZ
 //
-// The GEMMs call ATen's BLAS for now, in the accumulation type (float32 for bfloat16/float16,
-// else the tensor's own type). Everything around them is ours and done in one pass each: bias +
-// activation + pre-activation store after the forward GEMM; activation derivative + bias-gradient
-// column sums before the backward GEMMs; the fp32 -> storage-type rounding (and, for low-precision
-// gradient buffers, the accumulation) after them. The math is csrc/include/chainrule/activation.h.
+// Two paths, chosen per call from the active CPU ISA (cpu/isa.h) and the dtype:
+//  - our GEMM (cpu/gemm/gemm.h) for float32 (AVX-512 or AVX2) and bfloat16 (AVX512_BF16): the
+//    epilogues live inside it. The forward's bias, activation and pre-activation store happen in
+//    the micro-tile write-back; the backward applies act'(Z) while packing dY (once for dX, once
+//    for dW), adds dW into the gradient buffer in the write-back (beta = 1) and takes the bias
+//    gradient as row sums of the packed dZᵀ. No dZ tensor is ever materialised.
+//  - ATen's GEMM (float64, float16, ISA "fallback", and degenerate sizes) in the accumulation type
+//    (float32 for bfloat16/float16), with our epilogues done in one pass each: bias + activation +
+//    pre-activation store after the forward GEMM; activation derivative + bias-gradient column
+//    sums before the backward GEMMs; the fp32 -> storage-type rounding (and, for low-precision
+//    gradient buffers, the accumulation) after them.
+// The math is csrc/include/chainrule/activation.h (its vector twins: cpu/gemm/simd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include "chainrule/activation.h"
 #include "checks.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/isa.h"
 #include "ops.h"
 
 namespace chainrule::cpu {
@@ -104,6 +113,106 @@ void store_rounded(const acc_t* src, scalar_t* dst, int64_t n, bool accumulate) 
   });
 }
 
+// ---- our GEMM ------------------------------------------------------------------------------
+
+// The element type our GEMM runs `dtype` in on the active ISA, or nullopt for ATen's path.
+std::optional<gemm::ElementType> gemm_type(at::ScalarType dtype, CpuIsa isa) {
+  std::optional<gemm::ElementType> type;
+  if (dtype == at::kFloat) type = gemm::ElementType::float32;
+  if (dtype == at::kBFloat16) type = gemm::ElementType::bfloat16;
+  if (type && !gemm::supports(isa, *type)) type.reset();
+  return type;
+}
+
+// Forward through our GEMM: output = act(X W^T + b), pre = X W^T + b.
+void forward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& input_rows,
+                  const at::Tensor& weight, const at::Tensor* bias, Activation act,
+                  at::Tensor& output, at::Tensor* pre) {
+  gemm::Problem p;
+  p.type = type;
+  p.m = input_rows.size(0);
+  p.n = weight.size(0);
+  p.k = weight.size(1);
+  p.a = input_rows.const_data_ptr();
+  p.a_row_stride = p.k;
+  p.a_col_stride = 1;
+  p.b = weight.const_data_ptr();  // B(k, j) = W[j, k]
+  p.b_row_stride = 1;
+  p.b_col_stride = p.k;
+  p.c = output.mutable_data_ptr();
+  p.ldc = p.n;
+  p.bias = bias ? bias->const_data_ptr() : nullptr;
+  p.activation = act;
+  p.pre_activation = pre ? pre->mutable_data_ptr() : nullptr;
+  gemm::run(p, isa);
+}
+
+// Backward through our GEMM. grad_rows / pre_rows: (M, N) contiguous; input_rows: (M, K);
+// weight: (N, K) contiguous. grad_weight (contiguous) is written or, with `accumulate`, added to;
+// the bias gradient goes to grad_bias the same way.
+void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_rows,
+                   const at::Tensor& pre_rows, const at::Tensor& input_rows,
+                   const at::Tensor& weight, Activation act, at::Tensor* grad_input_rows,
+                   const at::Tensor* grad_weight, const at::Tensor* grad_bias, bool accumulate) {
+  const int64_t M = grad_rows.size(0), N = weight.size(0), K = weight.size(1);
+  const void* pre = act == Activation::none ? nullptr : pre_rows.const_data_ptr();
+  if (grad_input_rows) {
+    // dX (M x K) = dZ (M x N) · W (N x K)
+    gemm::Problem p;
+    p.type = type;
+    p.m = M; p.n = K; p.k = N;
+    p.a = grad_rows.const_data_ptr();
+    p.a_row_stride = N; p.a_col_stride = 1;
+    p.activation_grad = act;
+    p.a_pre = pre;
+    p.b = weight.const_data_ptr();
+    p.b_row_stride = K; p.b_col_stride = 1;
+    p.c = grad_input_rows->mutable_data_ptr();
+    p.ldc = K;
+    gemm::run(p, isa);
+  }
+  at::Tensor bias_sums;
+  if (grad_bias) bias_sums = at::zeros({N}, grad_rows.options().dtype(at::kFloat));
+  if (grad_weight) {
+    // dW (N x K) (+)= dZᵀ (N x M) · X (M x K); the bias gradient rides along as row sums of dZᵀ.
+    gemm::Problem p;
+    p.type = type;
+    p.m = N; p.n = K; p.k = M;
+    p.a = grad_rows.const_data_ptr();  // A(n, m) = dY[m, n]
+    p.a_row_stride = 1; p.a_col_stride = N;
+    p.activation_grad = act;
+    p.a_pre = pre;
+    p.a_row_sums = grad_bias ? bias_sums.mutable_data_ptr<float>() : nullptr;
+    p.b = input_rows.const_data_ptr();
+    p.b_row_stride = K; p.b_col_stride = 1;
+    p.c = grad_weight->mutable_data_ptr();
+    p.ldc = K;
+    p.accumulate = accumulate;
+    gemm::run(p, isa);
+  } else if (grad_bias) {
+    // No weight gradient asked: the bias gradient alone, in ATen's one-pass prologue.
+    at::Tensor grad_pre = at::empty({M, N}, grad_rows.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(),
+                                    "chainrule.linear_backward", [&] {
+      dispatch_activation(act, [&](auto a) {
+        backward_prologue<decltype(a)::value, scalar_t, float>(
+            grad_rows.const_data_ptr<scalar_t>(),
+            pre ? pre_rows.const_data_ptr<scalar_t>() : nullptr,
+            grad_pre.mutable_data_ptr<float>(), bias_sums.mutable_data_ptr<float>(), M, N);
+      });
+    });
+  }
+  if (grad_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_bias->scalar_type(),
+                                    "chainrule.linear_backward", [&] {
+      store_rounded<scalar_t, float>(bias_sums.const_data_ptr<float>(),
+                                     grad_bias->mutable_data_ptr<scalar_t>(), N, accumulate);
+    });
+  }
+}
+
+// ---- the backward -------------------------------------------------------------------------
+
 // The backward shared by linear_backward and linear_backward_accumulate. Writes into the given
 // buffers (accumulating when asked) and returns grad_input (or an empty tensor).
 at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
@@ -119,6 +228,20 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t M = grad_rows.size(0);
   at::Tensor pre_rows =
       activation == Activation::none ? at::Tensor() : as_rows(*pre_activation);
+
+  const CpuIsa isa = active_isa();
+  const std::optional<gemm::ElementType> type = gemm_type(dtype, isa);
+  if (type && M > 0 && N > 0 && K > 0 && (!grad_weight || grad_weight->is_contiguous())) {
+    at::Tensor weight_c = weight.contiguous();
+    at::Tensor input_rows = as_rows(input);
+    at::Tensor grad_input_rows;
+    if (compute_grad_input) grad_input_rows = at::empty({M, K}, input.options());
+    backward_gemm(*type, isa, grad_rows, pre_rows, input_rows, weight_c, activation,
+                  compute_grad_input ? &grad_input_rows : nullptr, grad_weight, grad_bias,
+                  accumulate);
+    if (!compute_grad_input) return at::empty({0}, input.options());
+    return grad_input_rows.reshape(input.sizes());
+  }
 
   at::Tensor grad_pre = at::empty({M, N}, grad_rows.options().dtype(acc_dtype));
   at::Tensor bias_sums =
@@ -169,10 +292,21 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
   at::Tensor input_rows = as_rows(input);
   const int64_t M = input_rows.size(0);
 
-  at::Tensor acc = at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t());
-  at::Tensor output = at::empty({M, N}, input.options());
   const bool keep_pre = save_pre_activation && act != Activation::none;
+  at::Tensor output = at::empty({M, N}, input.options());
   at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
+  auto out_sizes = with_last_dim(input.sizes(), N);
+
+  const CpuIsa isa = active_isa();
+  const int64_t K = weight.size(1);
+  if (auto type = gemm_type(dtype, isa); type && M > 0 && N > 0 && K > 0) {
+    at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+    forward_gemm(*type, isa, input_rows, weight.contiguous(), bias ? &bias_c : nullptr, act,
+                 output, keep_pre ? &pre : nullptr);
+    return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : pre};
+  }
+
+  at::Tensor acc = at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     dispatch_activation(act, [&](auto a) {
@@ -182,7 +316,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
           keep_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, M, N);
     });
   });
-  auto out_sizes = with_last_dim(input.sizes(), N);
   return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : pre};
 }
 

@@ -160,6 +160,9 @@ struct Driver {
           continue;
         }
         if (bias) v = V::add(v, Kernel::load(bias + j0 + h, n));
+        // Z is rounded to the storage type before the activation, as F.linear + act would do:
+        // the output is then the same whether or not Z is kept (a no-op for fp32).
+        v = Kernel::round_to_input(v);
         if (pre) Kernel::store(pre + (i0 + r) * p.ldc + j0 + h, v, n);
         Kernel::store(c_row + h, simd_activation_forward<A, V>(v), n);
       }

@@ -1,0 +1,80 @@
+// Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA
+// switch that tests use to run every path on one machine, the vector activations (held against
+// float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
+#include <torch/extension.h>
+
+#include "chainrule/activation.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/isa.h"
+
+namespace chainrule::cpu {
+
+namespace {
+
+CpuIsa isa_from_name(const std::string& name) {
+  CpuIsa isa;
+  TORCH_CHECK(parse_isa(name, &isa), "chainrule: unknown CPU ISA '", name,
+              "'; expected 'avx512', 'avx2' or 'fallback'");
+  return isa;
+}
+
+// C = A · B for 2-D row-major float32 / bfloat16 tensors, on our GEMM with the active ISA.
+at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "chainrule._C._cpu_gemm: expected (m, k) and (k, n) matrices, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type(),
+              "chainrule._C._cpu_gemm: expected two CPU tensors of one dtype");
+  const CpuIsa isa = active_isa();
+  gemm::ElementType type = a.scalar_type() == at::kBFloat16 ? gemm::ElementType::bfloat16
+                                                            : gemm::ElementType::float32;
+  TORCH_CHECK((a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
+                  gemm::supports(isa, type),
+              "chainrule._C._cpu_gemm: no kernel for ", a.scalar_type(), " with CPU ISA ",
+              isa_name(isa));
+  at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  if (c.numel() == 0) return c;
+  if (a.size(1) == 0) return c.zero_();
+  gemm::Problem p;
+  p.type = type;
+  p.m = a.size(0); p.n = b.size(1); p.k = a.size(1);
+  p.a = a_c.const_data_ptr(); p.a_row_stride = p.k; p.a_col_stride = 1;
+  p.b = b_c.const_data_ptr(); p.b_row_stride = p.n; p.b_col_stride = 1;
+  p.c = c.mutable_data_ptr(); p.ldc = p.n;
+  gemm::run(p, isa);
+  return c;
+}
+
+}  // namespace
+
+void add_python_hooks(pybind11::module_& m) {
+  m.def("_cpu_isa", [] { return std::string(isa_name(active_isa())); },
+        "The SIMD path the CPU kernels use now: 'avx512', 'avx2' or 'fallback'");
+  m.def("_cpu_isa_detected", [] { return std::string(isa_name(detected_isa())); },
+        "The best SIMD path this CPU supports");
+  m.def("_cpu_has_avx512_bf16", [] { return cpu_has_avx512_bf16(); });
+  m.def("_set_cpu_isa",
+        [](std::optional<std::string> name) {
+          set_isa_override(name ? std::optional<CpuIsa>(isa_from_name(*name)) : std::nullopt);
+        },
+        pybind11::arg("name").none(true),
+        "Forces the CPU SIMD path (None returns to CHAINRULE_CPU_ISA / detection)");
+  m.def("_cpu_simd_activation",
+        [](const at::Tensor& z, const std::string& activation, bool derivative,
+           const std::string& isa) {
+          Activation act;
+          TORCH_CHECK(parse_activation(activation.c_str(), &act), "unknown activation ", activation);
+          TORCH_CHECK(z.scalar_type() == at::kFloat && z.device().is_cpu(), "expected a float32 CPU tensor");
+          at::Tensor in = z.contiguous();
+          at::Tensor out = at::empty_like(in);
+          gemm::activation_map(isa_from_name(isa), act, derivative, in.const_data_ptr<float>(),
+                               out.mutable_data_ptr<float>(), in.numel());
+          return out;
+        },
+        "act(z) or act'(z) with the vector activations of the given ISA's kernels");
+  m.def("_cpu_gemm", &gemm_for_python,
+        "C = A @ B (2-D float32/bfloat16, row-major) on chainrule's CPU GEMM with the active ISA");
+}
+
+}  // namespace chainrule::cpu
