@@ -23,6 +23,7 @@ struct Driver {
   static constexpr int KU = Kernel::KU;  // k elements per packed unit (1 fp32, 2 bf16)
   static constexpr int W = V::width;
   static constexpr bool kFloat = std::is_same_v<In, float>;
+  static constexpr int kMaxPanels = 64;  // mc / mr bound of pack_a_block_transposed's row sums
   static_assert(NR % W == 0, "nr must be a multiple of the vector width");
   static_assert(MR <= W, "column-major A packing loads one register per k");
 
@@ -39,6 +40,7 @@ struct Driver {
     const int64_t kcu = units(kc);
     if (p.a_col_stride == 1) {
       // Rows contiguous in k: transform W values of one row at a time, scatter into the panel.
+      // (Transposed views go through pack_a_block_transposed.)
       alignas(64) float tmp[W];
       if (mr < MR || (kc % KU) != 0) std::memset(dst, 0, sizeof(uint32_t) * kcu * MR);
       for (int r = 0; r < mr; ++r) {
@@ -66,32 +68,62 @@ struct Driver {
         }
         if (row_sums) row_sums[i0 + r] += Kernel::reduce_add(sum);
       }
-    } else {
-      // Columns contiguous in m (A is a transposed view): one masked load per k.
-      R sum = V::set1(0.0f);
-      for (int64_t u = 0; u < kcu; ++u) {
+    }
+  }
+
+  // A rows [i0, i0 + mc) x k [p0, p0 + kc) when A is a transposed view (columns contiguous in
+  // m, e.g. dZᵀ in the weight gradient): one contiguous run of mc values per k feeds all mc / MR
+  // panels, so every source row is read once, in order, instead of MR values per row per panel.
+  template <chainrule::Activation G>
+  static void pack_a_block_transposed(const Problem& p, int64_t i0, int64_t mc, int64_t p0,
+                                      int64_t kc, uint32_t* dst, float* row_sums) {
+    const In* a = static_cast<const In*>(p.a);
+    const In* pre = static_cast<const In*>(p.a_pre);
+    const int64_t kcu = units(kc);
+    const int panels = static_cast<int>((mc + MR - 1) / MR);  // <= kMaxPanels (see the TUs)
+    alignas(64) float sums[kMaxPanels][W];
+    if (row_sums) std::memset(sums, 0, sizeof(float) * panels * W);
+    // Consecutive k are a whole row of the source apart (usually another page), which the
+    // hardware prefetcher does not follow: fetch the runs kPrefetchRows ahead ourselves.
+    constexpr int64_t kPrefetchRows = 8;
+    const int64_t run_bytes = mc * static_cast<int64_t>(sizeof(In));
+    for (int64_t u = 0; u < kcu; ++u) {
+      for (int h = 0; h < KU; ++h) {
+        const int64_t k = u * KU + h + kPrefetchRows;
+        if (k >= kc) break;
+        const char* src = reinterpret_cast<const char*>(a + (p0 + k) * p.a_col_stride + i0);
+        const char* src_pre = pre ? reinterpret_cast<const char*>(pre + (p0 + k) * p.a_col_stride + i0) : nullptr;
+        for (int64_t byte = 0; byte < run_bytes + 63; byte += 64) {
+          _mm_prefetch(src + std::min(byte, run_bytes - 1), _MM_HINT_T0);
+          if (src_pre) _mm_prefetch(src_pre + std::min(byte, run_bytes - 1), _MM_HINT_T0);
+        }
+      }
+      for (int q = 0; q < panels; ++q) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, mc - q * MR));
         R v[KU];
         for (int h = 0; h < KU; ++h) {
           const int64_t k = u * KU + h;
           if (k >= kc) { v[h] = V::set1(0.0f); continue; }
-          const int64_t off = (p0 + k) * p.a_col_stride + i0;
+          const int64_t off = (p0 + k) * p.a_col_stride + i0 + q * MR;
           v[h] = Kernel::load(a + off, mr);
           if constexpr (G != chainrule::Activation::none) {
             v[h] = V::mul(v[h], simd_activation_derivative<G, V>(Kernel::load(pre + off, mr)));
             v[h] = Kernel::round_to_input(v[h]);
           }
-          if (row_sums) sum = V::add(sum, v[h]);
+          if (row_sums) V::store(sums[q], V::add(V::load(sums[q]), v[h]));
         }
+        uint32_t* panel = dst + q * kcu * MR + u * MR;
         if constexpr (kFloat) {
-          Kernel::store_f32(reinterpret_cast<float*>(dst) + u * MR, v[0], MR);
+          Kernel::store_f32(reinterpret_cast<float*>(panel), v[0], MR);
         } else {
-          Kernel::store_pairs(dst + u * MR, v[0], v[1], MR);
+          Kernel::store_pairs(panel, v[0], v[1], MR);
         }
       }
-      if (row_sums) {
-        alignas(64) float tmp[W];
-        V::store(tmp, sum);
-        for (int r = 0; r < mr; ++r) row_sums[i0 + r] += tmp[r];
+    }
+    if (row_sums) {
+      for (int q = 0; q < panels; ++q) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, mc - q * MR));
+        for (int r = 0; r < mr; ++r) row_sums[i0 + q * MR + r] += sums[q][r];
       }
     }
   }
@@ -189,15 +221,27 @@ struct Driver {
         }
         for (int64_t ic = m0; ic < m1; ic += bl.mc) {
           const int64_t mc = std::min(bl.mc, m1 - ic);
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            pack_a_panel<G>(p, ic + ir, static_cast<int>(std::min<int64_t>(MR, mc - ir)), pc, kc,
-                            ws.a_pack + (ir / MR) * kcu * MR, row_sums);
+          if (p.a_col_stride == 1) {
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              pack_a_panel<G>(p, ic + ir, static_cast<int>(std::min<int64_t>(MR, mc - ir)), pc,
+                              kc, ws.a_pack + (ir / MR) * kcu * MR, row_sums);
+            }
+          } else {
+            pack_a_block_transposed<G>(p, ic, mc, pc, kc, ws.a_pack, row_sums);
           }
           for (int64_t jr = 0; jr < nc; jr += NR) {
             const uint32_t* b_panel = ws.b_pack + (jr / NR) * kcu * NR;
             const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
             for (int64_t ir = 0; ir < mc; ir += MR) {
               const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+              // The write-back reads and writes this tile of C (or of the partial sums), usually
+              // out of L2/L3: ask for it now so it arrives while the micro-kernel runs.
+              for (int r = 0; r < mr; ++r) {
+                const char* row = static_cast<const char*>(p.c) +
+                                  ((ic + ir + r) * p.ldc + jc + jr) * sizeof(In);
+                _mm_prefetch(row, _MM_HINT_T0);
+                _mm_prefetch(row + NR * sizeof(In) - 1, _MM_HINT_T0);
+              }
               Kernel::compute(kcu, ws.a_pack + (ir / MR) * kcu * MR, b_panel, tile);
               float* partial = ws.partial
                   ? ws.partial + (ic + ir - m0) * ws.partial_ld + jr
