@@ -94,7 +94,7 @@ void run(const Problem& p, CpuIsa isa) {
   TORCH_INTERNAL_ASSERT(p.a_row_stride == 1 || p.a_col_stride == 1);
   TORCH_INTERNAL_ASSERT(p.b_row_stride == 1 || p.b_col_stride == 1);
   if (p.m == 0 || p.n == 0) return;
-  const Blocking& bl = ks->blocking;
+  Blocking bl = ks->blocking;
   if (p.k == 0) {
     // Nothing to multiply, but the epilogue still runs (C = act(bias) or C unchanged).
     // Callers handle k == 0 themselves; see csrc/cpu/linear.cpp.
@@ -112,6 +112,8 @@ void run(const Problem& p, CpuIsa isa) {
   const int64_t ku = p.type == ElementType::float32 ? 1 : 2;
   const int64_t kc = std::min(bl.kc, round_up(p.k, ku));
   const int64_t kc_units = (kc + ku - 1) / ku;
+  // mc: the packed A block (mc x kc, 4-byte units) about a_block_bytes, in whole micro-tiles.
+  bl.mc = std::clamp<int64_t>(bl.a_block_bytes / (4 * kc_units) / bl.mr * bl.mr, bl.mr, bl.mc);
   const bool needs_partial = p.type != ElementType::float32 && p.k > bl.kc;
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -128,7 +130,7 @@ void run(const Problem& p, CpuIsa isa) {
       Buffer partial = needs_partial ? allocate(sizeof(float) * (m1 - m0) * nc) : Buffer(nullptr);
       Workspace ws{static_cast<uint32_t*>(a_pack.get()), static_cast<uint32_t*>(b_pack.get()),
                    static_cast<float*>(partial.get()), nc};
-      ks->run_block(p, m0, m1, n0, n1, /*owns_row_sums=*/col_part == 0, ws);
+      ks->run_block(p, bl, m0, m1, n0, n1, /*owns_row_sums=*/col_part == 0, ws);
     }
   });
 }

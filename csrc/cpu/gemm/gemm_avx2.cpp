@@ -88,13 +88,14 @@ void activation_map_impl(Activation activation, bool derivative, const float* in
 }
 
 // kc x nr B micro-panel = 32 KiB, mc x kc A block = 96 x 512 fp32 = 192 KiB in L2.
-constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/512, /*mc=*/kMr * 16, /*nc=*/kNr * 256};
+constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/512, /*mc=*/kMr * 16, /*nc=*/kNr * 256,
+                                /*a_block_bytes=*/192 << 10};
 
 static_assert(kF32Blocking.mc <= Driver<KernelF32>::kMaxPanels * kMr);
 
-void run_f32(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool owns,
-             const Workspace& ws) {
-  run_block<KernelF32>(p, kF32Blocking, m0, m1, n0, n1, owns, ws);
+void run_f32(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1, bool owns, const Workspace& ws) {
+  run_block<KernelF32>(p, bl, m0, m1, n0, n1, owns, ws);
 }
 
 }  // namespace avx2

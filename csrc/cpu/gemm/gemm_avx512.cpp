@@ -145,25 +145,27 @@ void activation_map_impl(Activation activation, bool derivative, const float* in
   });
 }
 
-// Blocking (see ARCHITECTURE.md, "CPU GEMM"). The mc x kc A block (56 x 1024 fp32 = 224 KiB)
-// and the kc x nr B micro-panel it sweeps (1024 x 32 fp32 = 128 KiB) share the 1 MiB L2; the
-// micro-kernel streams both with the hardware prefetcher (A from L1-sized runs of 56 bytes per k,
-// B 128 bytes per k). What matters most on this CPU is a long kc: every k block costs one
-// read-modify-write pass of C. Measured on one core, per CPU-second, 2048^3 and 4096x1024x4096:
-// kc/mc = 256/168: 88, 512/112: 95-97, 1024/56: 99-106 GFLOP/s (peak 110).
-constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/1024, /*mc=*/kMr * 4, /*nc=*/kNr * 128};
-// Same bytes per panel as fp32: a packed unit holds two bf16 values.
-constexpr Blocking kBF16Blocking{kMr, kNr, /*kc=*/2048, /*mc=*/kMr * 4, /*nc=*/kNr * 128};
+// Blocking (see ARCHITECTURE.md, "CPU GEMM"). mc is chosen per call so the packed A block
+// (mc x kc) is about 448 KiB, under half of the 1 MiB L2, next to the kc x nr B micro-panel it
+// sweeps (1024 x 32 fp32 = 128 KiB); the micro-kernel streams both with the hardware prefetcher.
+// What matters most on this CPU is a long kc: every k block costs one read-modify-write pass of
+// C. Measured on one core, per CPU-second, 2048^3 and 4096x1024x4096: kc/mc = 256/168: 88,
+// 512/112: 95-97, 1024/56: 90-106, 1024/112: 95-106 GFLOP/s (peak 110).
+constexpr int64_t kABlockBytes = 448 << 10;
+constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/1024, /*mc=*/kMr * 16, /*nc=*/kNr * 128, kABlockBytes};
+// Same bytes per panel as fp32: a packed unit holds two bf16 values. kc = 4096 lets the backward
+// GEMMs of a 4096-row batch run in one k block (no fp32 partial sums of C between blocks).
+constexpr Blocking kBF16Blocking{kMr, kNr, /*kc=*/4096, /*mc=*/kMr * 16, /*nc=*/kNr * 128, kABlockBytes};
 static_assert(kF32Blocking.mc <= Driver<KernelF32>::kMaxPanels * kMr);
 static_assert(kBF16Blocking.mc <= Driver<KernelBF16>::kMaxPanels * kMr);
 
-void run_f32(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool owns,
-             const Workspace& ws) {
-  run_block<KernelF32>(p, kF32Blocking, m0, m1, n0, n1, owns, ws);
+void run_f32(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1, bool owns, const Workspace& ws) {
+  run_block<KernelF32>(p, bl, m0, m1, n0, n1, owns, ws);
 }
-void run_bf16(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool owns,
-              const Workspace& ws) {
-  run_block<KernelBF16>(p, kBF16Blocking, m0, m1, n0, n1, owns, ws);
+void run_bf16(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int64_t n0,
+                 int64_t n1, bool owns, const Workspace& ws) {
+  run_block<KernelBF16>(p, bl, m0, m1, n0, n1, owns, ws);
 }
 
 }  // namespace avx512

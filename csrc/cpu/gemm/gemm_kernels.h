@@ -14,7 +14,8 @@ namespace chainrule::cpu::gemm {
 // in k (bf16, the operand layout of vdpbf16ps).
 struct Blocking {
   int mr, nr;          // micro-tile
-  int64_t kc, mc, nc;  // cache blocks, in elements of k, m, n (kc is even)
+  int64_t kc, mc, nc;  // cache blocks, in elements of k, m, n (kc is even); mc is an upper bound
+  int64_t a_block_bytes;  // the front end picks mc so the packed mc x kc A block is about this
 };
 
 // Per-thread scratch handed to a block by the front end.
@@ -27,8 +28,8 @@ struct Workspace {
 
 // Computes the rows [m0, m1) x columns [n0, n1) of `problem` on the calling thread. The thread
 // owning column 0 (`owns_row_sums`) adds to problem.a_row_sums.
-using BlockFn = void (*)(const Problem& problem, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                         bool owns_row_sums, const Workspace& workspace);
+using BlockFn = void (*)(const Problem& problem, const Blocking& blocking, int64_t m0, int64_t m1,
+                         int64_t n0, int64_t n1, bool owns_row_sums, const Workspace& workspace);
 
 struct KernelSet {
   Blocking blocking;
