@@ -6,9 +6,9 @@
 // Two paths, chosen per call from the active CPU ISA (cpu/isa.h) and the dtype:
 //  - our GEMM (cpu/gemm/gemm.h) for float32 (AVX-512 or AVX2) and bfloat16 (AVX512_BF16): the
 //    epilogues live inside it. The forward's bias, activation and pre-activation store happen in
-//    the micro-tile write-back; the backward applies act'(Z) while packing dY (once for dX, once
-//    for dW), adds dW into the gradient buffer in the write-back (beta = 1) and takes the bias
-//    gradient as row sums of the packed dZᵀ. No dZ tensor is ever materialised.
+//    the micro-tile write-back; the backward applies act'(Z) while packing dY for dX (writing dZ
+//    out on the way, which dW then reads), adds dW into the gradient buffer in the write-back
+//    (beta = 1) and takes the bias gradient as row sums of the packed dZᵀ.
 //  - ATen's GEMM (float64, float16, ISA "fallback", and degenerate sizes) in the accumulation type
 //    (float32 for bfloat16/float16), with our epilogues done in one pass each: bias + activation +
 //    pre-activation store after the forward GEMM; activation derivative + bias-gradient column
@@ -156,6 +156,10 @@ void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_ro
                    const at::Tensor* grad_weight, const at::Tensor* grad_bias, bool accumulate) {
   const int64_t M = grad_rows.size(0), N = weight.size(0), K = weight.size(1);
   const void* pre = act == Activation::none ? nullptr : pre_rows.const_data_ptr();
+  // When both GEMMs run, dgrad's packing also writes dZ out, and wgrad reads dZ instead of dY and
+  // Z: act' is evaluated once, and wgrad reads half the bytes.
+  at::Tensor grad_pre;
+  if (grad_input_rows && grad_weight && act != Activation::none) grad_pre = at::empty_like(grad_rows);
   if (grad_input_rows) {
     // dX (M x K) = dZ (M x N) · W (N x K)
     gemm::Problem p;
@@ -167,6 +171,7 @@ void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_ro
     p.a_pre = pre;
     p.b = weight.const_data_ptr();
     p.b_row_stride = K; p.b_col_stride = 1;
+    p.a_transformed = grad_pre.defined() ? grad_pre.mutable_data_ptr() : nullptr;
     p.c = grad_input_rows->mutable_data_ptr();
     p.ldc = K;
     gemm::run(p, isa);
@@ -178,10 +183,14 @@ void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_ro
     gemm::Problem p;
     p.type = type;
     p.m = N; p.n = K; p.k = M;
-    p.a = grad_rows.const_data_ptr();  // A(n, m) = dY[m, n]
-    p.a_row_stride = 1; p.a_col_stride = N;
-    p.activation_grad = act;
-    p.a_pre = pre;
+    p.a_row_stride = 1; p.a_col_stride = N;  // A(n, m) = dZ[m, n]
+    if (grad_pre.defined()) {
+      p.a = grad_pre.const_data_ptr();
+    } else {
+      p.a = grad_rows.const_data_ptr();
+      p.activation_grad = act;
+      p.a_pre = pre;
+    }
     p.a_row_sums = grad_bias ? bias_sums.mutable_data_ptr<float>() : nullptr;
     p.b = input_rows.const_data_ptr();
     p.b_row_stride = K; p.b_col_stride = 1;

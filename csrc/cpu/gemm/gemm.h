@@ -32,6 +32,9 @@ struct Problem {
   const void* a_pre = nullptr;
   // When set, a_row_sums[i] += Σ_p A(i, p) (after the derivative): the bias gradient of wgrad.
   float* a_row_sums = nullptr;
+  // When set (A with rows contiguous only), the transformed A (dZ) is also written here, with
+  // A's strides, in A's element type: dgrad hands dZ to wgrad so act' is evaluated once.
+  void* a_transformed = nullptr;
 
   // B(p, j) = b[p * b_row_stride + j * b_col_stride]; one of the two strides is 1.
   const void* b = nullptr;

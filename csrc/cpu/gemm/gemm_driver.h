@@ -34,7 +34,7 @@ struct Driver {
   // A rows [i0, i0 + mr) x k [p0, p0 + kc) -> one mr-tall micro-panel: unit (u, r) at u * MR + r.
   template <chainrule::Activation G>
   static void pack_a_panel(const Problem& p, int64_t i0, int mr, int64_t p0, int64_t kc,
-                           uint32_t* dst, float* row_sums) {
+                           uint32_t* dst, float* row_sums, In* transformed) {
     const In* a = static_cast<const In*>(p.a);
     const In* pre = static_cast<const In*>(p.a_pre);
     const int64_t kcu = units(kc);
@@ -52,6 +52,7 @@ struct Driver {
           if constexpr (G != chainrule::Activation::none) {
             v = V::mul(v, simd_activation_derivative<G, V>(Kernel::load(pre + off + k, n)));
             v = Kernel::round_to_input(v);
+            if (transformed) Kernel::store(transformed + off + k, v, n);
           }
           if (row_sums) sum = V::add(sum, v);
           V::store(tmp, v);
@@ -209,7 +210,9 @@ struct Driver {
     alignas(64) float tile[MR * NR];
     for (int64_t jc = n0; jc < n1; jc += bl.nc) {
       const int64_t nc = std::min(bl.nc, n1 - jc);
+      // Work done once per row of A: by the thread owning column 0, in its first column block.
       float* row_sums = (owns_row_sums && jc == n0) ? p.a_row_sums : nullptr;
+      In* transformed = (owns_row_sums && jc == n0) ? static_cast<In*>(p.a_transformed) : nullptr;
       for (int64_t pc = 0; pc < p.k; pc += bl.kc) {
         const int64_t kc = std::min(bl.kc, p.k - pc);
         const int64_t kcu = units(kc);
@@ -224,7 +227,7 @@ struct Driver {
           if (p.a_col_stride == 1) {
             for (int64_t ir = 0; ir < mc; ir += MR) {
               pack_a_panel<G>(p, ic + ir, static_cast<int>(std::min<int64_t>(MR, mc - ir)), pc,
-                              kc, ws.a_pack + (ir / MR) * kcu * MR, row_sums);
+                              kc, ws.a_pack + (ir / MR) * kcu * MR, row_sums, transformed);
             }
           } else {
             pack_a_block_transposed<G>(p, ic, mc, pc, kc, ws.a_pack, row_sums);
