@@ -6,7 +6,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <torch/library.h>
+
 #include "cuda/adam_plan.h"
+#include "dispatch.h"
 #include "ops.h"
 
 namespace chainrule::cuda {
@@ -80,3 +83,9 @@ void adam_tensor_lr_(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 }  // namespace chainrule::cuda
+
+// Only the Adam ops: the linear ops register themselves in their own file (csrc/cuda/linear.cu).
+TORCH_LIBRARY_IMPL(chainrule, CUDA, m) {
+  m.impl("adam_", &chainrule::checked_adam<&chainrule::cuda::adam_>);
+  m.impl("adam_.tensor_lr", &chainrule::checked_adam_tensor_lr<&chainrule::cuda::adam_tensor_lr_>);
+}
