@@ -83,12 +83,12 @@ struct alignas(16) Pack {
 
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* ptr) {
-  return *reinterpret_cast<const Pack<T>*>(ptr);
+  return port::load_vector(reinterpret_cast<const Pack<T>*>(ptr));
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* ptr, const Pack<T>& pack) {
-  *reinterpret_cast<Pack<T>*>(ptr) = pack;
+  port::store_vector(reinterpret_cast<Pack<T>*>(ptr), pack);
 }
 
 // bfloat16 and float16 parameters travel as raw 16-bit patterns and share one code path, the
@@ -185,7 +185,6 @@ __device__ __forceinline__ void update_vector(const ChunkPointers<P, S>& t, int6
   Pack<P> param_io;
   if (sizeof(P) == sizeof(S) || t.master == nullptr) param_io = load_pack(t.param + i);
 
-#pragma unroll
   for (int k = 0; k < kStatePacks; ++k) {
     const int64_t j = i + k * kPerPack;
     Pack<S> exp_avg = load_pack(t.exp_avg + j);
@@ -198,10 +197,8 @@ __device__ __forceinline__ void update_vector(const ChunkPointers<P, S>& t, int6
     } else if (t.master != nullptr) {
       param = load_pack(t.master + j);
     } else {
-#pragma unroll
       for (int e = 0; e < kPerPack; ++e) param.v[e] = bits16_to_float(param_io.v[k * kPerPack + e], t.bfloat16);
     }
-#pragma unroll
     for (int e = 0; e < kPerPack; ++e) {
       S grad_e;
       if constexpr (sizeof(P) == sizeof(S)) grad_e = grad.v[e]; else grad_e = bits16_to_float(grad.v[k * kPerPack + e], t.bfloat16);
@@ -214,7 +211,6 @@ __device__ __forceinline__ void update_vector(const ChunkPointers<P, S>& t, int6
       param_io = reinterpret_cast<const Pack<P>&>(param);
     } else {
       if (t.master != nullptr) store_pack(t.master + j, param);
-#pragma unroll
       for (int e = 0; e < kPerPack; ++e) param_io.v[k * kPerPack + e] = float_to_bits16(param.v[e], t.bfloat16);
     }
   }
