@@ -47,7 +47,7 @@ def test_adam_kernel_has_no_spills(arch, tmp_path):
     source = tmp_path / "adam_kernel.cu"
     source.write_text(SOURCE)
     result = subprocess.run(
-        [NVCC, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-cubin", f"-arch={arch}",
+        [NVCC, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "--fmad=false", "-cubin", f"-arch={arch}",
          "-Xptxas", "-v", "-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc" / "include"),
          str(source), "-o", str(tmp_path / "adam_kernel.cubin")],
         capture_output=True, text=True, timeout=300)
