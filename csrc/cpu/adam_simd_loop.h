@@ -103,29 +103,38 @@ void update_span_impl(const Span& t, const AdamScalars<float>& s) {
   using V = typename Isa::vec;
   constexpr int width = Isa::width;
   const AdamScalars<V> sv = broadcast<Isa>(s);
-  const int64_t vector_end = t.numel - t.numel % width;
+  // Local restrict pointers: the stores below cannot then alias the Span, whose fields the
+  // compiler would otherwise reload on every iteration (we build with -fno-strict-aliasing).
+  void* __restrict param_ptr = t.param;
+  const void* __restrict grad_ptr = t.grad;
+  float* __restrict exp_avg_ptr = t.exp_avg;
+  float* __restrict exp_avg_sq_ptr = t.exp_avg_sq;
+  float* __restrict max_exp_avg_sq_ptr = t.max_exp_avg_sq;
+  float* __restrict master_ptr = t.master;
+  const int64_t numel = t.numel;
+  const int64_t vector_end = numel - numel % width;
   int64_t i = 0;
   for (; i < vector_end; i += width) {
-    V param = has_master ? Isa::load(t.master + i) : load_param_vec<Isa, kind>(t.param, i);
-    const V grad = load_param_vec<Isa, kind>(t.grad, i);
-    V exp_avg = Isa::load(t.exp_avg + i);
-    V exp_avg_sq = Isa::load(t.exp_avg_sq + i);
-    V max_exp_avg_sq = amsgrad ? Isa::load(t.max_exp_avg_sq + i) : exp_avg_sq;
+    V param = has_master ? Isa::load(master_ptr + i) : load_param_vec<Isa, kind>(param_ptr, i);
+    const V grad = load_param_vec<Isa, kind>(grad_ptr, i);
+    V exp_avg = Isa::load(exp_avg_ptr + i);
+    V exp_avg_sq = Isa::load(exp_avg_sq_ptr + i);
+    V max_exp_avg_sq = amsgrad ? Isa::load(max_exp_avg_sq_ptr + i) : exp_avg_sq;
     adam_update_element<V>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, sv);
-    Isa::store(t.exp_avg + i, exp_avg);
-    Isa::store(t.exp_avg_sq + i, exp_avg_sq);
-    if (amsgrad) Isa::store(t.max_exp_avg_sq + i, max_exp_avg_sq);
-    if (has_master) Isa::store(t.master + i, param);
-    store_param_vec<Isa, kind>(t.param, i, param);
+    Isa::store(exp_avg_ptr + i, exp_avg);
+    Isa::store(exp_avg_sq_ptr + i, exp_avg_sq);
+    if (amsgrad) Isa::store(max_exp_avg_sq_ptr + i, max_exp_avg_sq);
+    if (has_master) Isa::store(master_ptr + i, param);
+    store_param_vec<Isa, kind>(param_ptr, i, param);
   }
-  for (; i < t.numel; ++i) {
-    float param = has_master ? t.master[i] : load_param_scalar<Isa, kind>(t.param, i);
-    const float grad = load_param_scalar<Isa, kind>(t.grad, i);
+  for (; i < numel; ++i) {
+    float param = has_master ? master_ptr[i] : load_param_scalar<Isa, kind>(param_ptr, i);
+    const float grad = load_param_scalar<Isa, kind>(grad_ptr, i);
     float unused = 0.0f;
-    float& max_exp_avg_sq = amsgrad ? t.max_exp_avg_sq[i] : unused;
-    adam_update_element<float>(param, grad, t.exp_avg[i], t.exp_avg_sq[i], max_exp_avg_sq, s);
-    if (has_master) t.master[i] = param;
-    store_param_scalar<Isa, kind>(t.param, i, param);
+    float& max_exp_avg_sq = amsgrad ? max_exp_avg_sq_ptr[i] : unused;
+    adam_update_element<float>(param, grad, exp_avg_ptr[i], exp_avg_sq_ptr[i], max_exp_avg_sq, s);
+    if (has_master) master_ptr[i] = param;
+    store_param_scalar<Isa, kind>(param_ptr, i, param);
   }
 }
 
