@@ -39,6 +39,29 @@ inline constinit thread_local dim3 blockDim{};
 inline constinit thread_local dim3 gridDim{};
 inline constexpr int warpSize = 32;
 
+// ThreadSanitizer mode (build with -fsanitize=thread): every CUDA thread is a TSan fiber, fibers
+// switch without implying any ordering, and only barriers (__syncthreads*, __syncwarp) and the
+// start and end of a block order one thread's memory accesses before another's. A missing
+// __syncthreads is then reported as a data race at the two lines involved, in every schedule.
+// The emulator's own bookkeeping runs with TSan's access checks turned off.
+#if defined(__SANITIZE_THREAD__)
+#define CHAINRULE_EMU_TSAN 1
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* address);
+void __tsan_release(void* address);
+void __tsan_ignore_thread_begin(void);
+void __tsan_ignore_thread_end(void);
+void __tsan_read_range(void* address, unsigned long size);
+void __tsan_set_fiber_name(void* fiber, const char* name);
+}
+#else
+#define CHAINRULE_EMU_TSAN 0
+#endif
+
 namespace chainrule::emu {
 
 // Everything the emulator detects (deadlock, mask mismatch, misalignment, bad launch) is an Error.
@@ -103,6 +126,30 @@ inline ScheduleSetting& schedule_setting() {
 }
 
 inline std::atomic<uint64_t> g_launch_count{0};
+
+// The emulator's own state is touched by every fiber of a block and by its scheduler; under TSan
+// those accesses are not the kernel's and are not checked.
+struct InternalAccess {
+#if CHAINRULE_EMU_TSAN
+  InternalAccess() { __tsan_ignore_thread_begin(); }
+  ~InternalAccess() { __tsan_ignore_thread_end(); }
+#else
+  InternalAccess() {}
+#endif
+  InternalAccess(const InternalAccess&) = delete;
+  InternalAccess& operator=(const InternalAccess&) = delete;
+};
+
+inline void sync_release([[maybe_unused]] const void* token) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_release(const_cast<void*>(token));
+#endif
+}
+inline void sync_acquire([[maybe_unused]] const void* token) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_acquire(const_cast<void*>(token));
+#endif
+}
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
   x += 0x9e3779b97f4a7c15ull;
@@ -178,6 +225,9 @@ struct Fiber {
   WarpOp op;
   std::vector<PendingCopy> copies;  // cp.async issued and not yet landed
   uint64_t committed_groups = 0;
+  void* tsan_fiber = nullptr;
+  uint32_t syncwarps = 0;  // __syncwarp calls so far (TSan: which of the lane's two tokens to use)
+  bool started = false;
 };
 
 enum class BarrierKind : uint8_t { sync, count, and_, or_ };
@@ -209,6 +259,14 @@ struct BlockRun {
   int barrier_first = -1;
   unsigned char* dynamic_smem = nullptr;
   std::exception_ptr error;
+  // TSan synchronisation objects (only their addresses matter). A thread acquires a barrier's token
+  // when it resumes, possibly after faster threads already arrived at the next barrier: alternating
+  // two tokens keeps their releases out of its acquire.
+  uint64_t barrier_generation = 0;
+  char barrier_tokens[2] = {};
+  char start_token = 0;
+  char exit_token = 0;
+  char* lane_tokens = nullptr;  // two per thread, for __syncwarp
 };
 
 struct LaunchShared {
@@ -227,8 +285,10 @@ struct LaunchShared {
 struct Worker {
   std::vector<Fiber> fibers;
   Context scheduler;
+  void* tsan_scheduler = nullptr;
   std::vector<unsigned char> smem_storage;
   std::vector<int> order;
+  std::vector<char> lane_tokens;
 };
 
 inline thread_local Worker* t_worker = nullptr;
@@ -333,10 +393,14 @@ inline std::string describe_wait(const Fiber& fiber) {
 // Switching
 
 // The running fiber gives the OS thread back to its block's scheduler.
-inline void yield_to_scheduler() {
-  Fiber* self = t_fiber;
-  context_switch(self->context, t_worker->scheduler);
+inline void switch_to_scheduler(Fiber& self, Worker& worker) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_switch_to_fiber(worker.tsan_scheduler, 1 /* no synchronisation */);
+#endif
+  context_switch(self.context, worker.scheduler);
 }
+
+inline void yield_to_scheduler() { switch_to_scheduler(*t_fiber, *t_worker); }
 
 inline void land_copies(Fiber& fiber, uint64_t groups_below) {
   auto& copies = fiber.copies;
@@ -382,16 +446,26 @@ inline void check_exit(Fiber& fiber) {
 inline void fiber_main(void* arg) {
   auto* fiber = static_cast<Fiber*>(arg);
   BlockRun& block = *fiber->block;
+  sync_acquire(&block.start_token);  // the block starts after the launch
+  fiber->started = true;
   try {
     block.launch->invoke(block.launch->invoke_context);
     land_copies(*fiber, ~uint64_t{0});  // the hardware finishes copies a thread left in flight
+    InternalAccess internal;
     check_exit(*fiber);
   } catch (...) {
+    InternalAccess internal;
     if (!block.error) block.error = std::current_exception();
   }
-  fiber->state = FiberState::exited;
-  ++block.exited;
-  yield_to_scheduler();
+  Worker* worker;
+  {
+    InternalAccess internal;
+    sync_release(&block.exit_token);  // and ends before the launch returns
+    fiber->state = FiberState::exited;
+    ++block.exited;
+    worker = t_worker;
+  }
+  switch_to_scheduler(*fiber, *worker);
   std::abort();  // an exited fiber is never resumed
 }
 
@@ -399,6 +473,7 @@ inline void fiber_main(void* arg) {
 // Barriers
 
 inline int barrier(BarrierKind kind, int predicate, const std::source_location& site) {
+  InternalAccess internal;
   BlockRun& block = *t_block;
   Fiber& self = *t_fiber;
   if (block.exited > 0) {
@@ -425,7 +500,9 @@ inline int barrier(BarrierKind kind, int predicate, const std::source_location& 
   block.barrier_predicates += predicate != 0;
   self.state = FiberState::at_barrier;
   self.site = site;
+  char* token = &block.barrier_tokens[block.barrier_generation & 1];
   if (++block.barrier_arrived == block.nthreads) {
+    ++block.barrier_generation;
     switch (kind) {
       case BarrierKind::sync: block.barrier_result = 0; break;
       case BarrierKind::count: block.barrier_result = block.barrier_predicates; break;
@@ -436,7 +513,9 @@ inline int barrier(BarrierKind kind, int predicate, const std::source_location& 
     block.barrier_first = -1;
     for (int i = 0; i < block.nthreads; ++i) block.fibers[i].state = FiberState::runnable;
   }
+  sync_release(token);
   yield_to_scheduler();
+  sync_acquire(token);
   return block.barrier_result;
 }
 
@@ -536,14 +615,41 @@ inline std::string describe_deadlock(const BlockRun& block) {
   return "deadlock: no thread can run";
 }
 
+// A block abandoned by an error leaves fibers suspended mid-kernel. Under TSan each of them is
+// inside exactly one InternalAccess scope (every wait is in barrier() or one warp operation, each
+// of which holds one, and an exception unwinds them), so end that scope on its behalf, and let it
+// "exit" so that the next block on this worker is ordered after everything it did.
+inline void settle_abandoned_fibers([[maybe_unused]] Worker& worker, [[maybe_unused]] BlockRun& block) {
+#if CHAINRULE_EMU_TSAN
+  for (int i = 0; i < block.nthreads; ++i) {
+    Fiber& fiber = worker.fibers[static_cast<size_t>(i)];
+    if (!fiber.started || fiber.state == FiberState::exited) continue;
+    __tsan_switch_to_fiber(fiber.tsan_fiber, 1);
+    __tsan_ignore_thread_end();
+    __tsan_release(&block.exit_token);
+    __tsan_switch_to_fiber(worker.tsan_scheduler, 1);
+  }
+  __tsan_acquire(&block.exit_token);
+#endif
+}
+
 inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block_linear) {
+  InternalAccess internal;
   const dim3 bd = launch.block;
   const int nthreads = static_cast<int>(bd.x * bd.y * bd.z);
   if (worker.fibers.size() < static_cast<size_t>(nthreads)) {
     const size_t old = worker.fibers.size();
     worker.fibers.resize(static_cast<size_t>(nthreads));
-    for (size_t i = old; i < worker.fibers.size(); ++i) worker.fibers[i].stack.allocate(fiber_stack_bytes());
+    for (size_t i = old; i < worker.fibers.size(); ++i) {
+      worker.fibers[i].stack.allocate(fiber_stack_bytes());
+#if CHAINRULE_EMU_TSAN
+      worker.fibers[i].tsan_fiber = __tsan_create_fiber(0);
+#endif
+    }
   }
+#if CHAINRULE_EMU_TSAN
+  worker.tsan_scheduler = __tsan_get_current_fiber();
+#endif
 
   BlockRun block;
   block.launch = &launch;
@@ -569,6 +675,12 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
     fiber.block = &block;
     fiber.copies.clear();
     fiber.committed_groups = 0;
+    fiber.syncwarps = 0;
+    fiber.started = false;
+#if CHAINRULE_EMU_TSAN
+    __tsan_set_fiber_name(fiber.tsan_fiber, (std::string(launch.kernel_name) + " block " + format_dim(block.index) +
+                                             " thread " + format_dim(fiber.index)).c_str());
+#endif
     context_init(fiber.context, fiber.stack, &fiber_main, &fiber);
   }
 
@@ -577,6 +689,9 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
   blockDim = launch.block;
   gridDim = launch.grid;
 
+  worker.lane_tokens.resize(2 * static_cast<size_t>(nthreads));
+  block.lane_tokens = worker.lane_tokens.data();
+  sync_release(&block.start_token);
   auto& order = worker.order;
   order.resize(static_cast<size_t>(nthreads));
   uint64_t rng = mix64(launch.seed ^ mix64(block_linear + 1));
@@ -603,19 +718,25 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
       ran = true;
       t_fiber = &fiber;
       threadIdx = fiber.index;
+#if CHAINRULE_EMU_TSAN
+      __tsan_switch_to_fiber(fiber.tsan_fiber, 1 /* no synchronisation */);
+#endif
       context_switch(worker.scheduler, fiber.context);
       if (block.error) {
         t_fiber = nullptr;
         t_block = nullptr;
+        settle_abandoned_fibers(worker, block);
         std::rethrow_exception(block.error);
       }
     }
     if (!ran) {
       t_fiber = nullptr;
       t_block = nullptr;
+      settle_abandoned_fibers(worker, block);
       throw Error("chainrule::emu: " + describe_deadlock(block) + " (in " + where(block) + ")");
     }
   }
+  sync_acquire(&block.exit_token);
   t_fiber = nullptr;
   t_block = nullptr;
 }
@@ -645,6 +766,7 @@ inline void launch_erased(const LaunchShared& launch) {
   uint64_t first_error_block = ~uint64_t{0};
 
   auto work = [&] {
+    InternalAccess internal;
     auto worker = acquire_worker();
     t_worker = worker.get();
     // Save the caller's built-ins: a launch from the caller's thread must not leave them changed.

@@ -35,7 +35,7 @@ __global__ void reverse_in_block(const int* in, int* out) {
 
 __global__ void read_dynamic_smem(unsigned char* out, int bytes, uintptr_t* address) {
   unsigned char* smem = chainrule::port::dynamic_shared<unsigned char>();
-  if (threadIdx.x == 0) *address = reinterpret_cast<uintptr_t>(smem);
+  if (threadIdx.x == 0 && blockIdx.x == 0) *address = reinterpret_cast<uintptr_t>(smem);
   // every block must see poison, whatever the previous block on this worker wrote
   for (int i = static_cast<int>(threadIdx.x); i < bytes; i += static_cast<int>(blockDim.x))
     out[blockIdx.x * static_cast<unsigned>(bytes) + static_cast<unsigned>(i)] = smem[i];
