@@ -267,6 +267,8 @@ struct BlockRun {
   char start_token = 0;
   char exit_token = 0;
   char* lane_tokens = nullptr;  // two per thread, for __syncwarp
+  uint32_t* warp_waiting = nullptr;  // per warp: lanes waiting at a warp operation
+  uint32_t* warp_exited = nullptr;   // per warp: lanes that have exited
 };
 
 struct LaunchShared {
@@ -289,6 +291,7 @@ struct Worker {
   std::vector<unsigned char> smem_storage;
   std::vector<int> order;
   std::vector<char> lane_tokens;
+  std::vector<uint32_t> warp_masks;
 };
 
 inline thread_local Worker* t_worker = nullptr;
@@ -462,6 +465,7 @@ inline void fiber_main(void* arg) {
     InternalAccess internal;
     sync_release(&block.exit_token);  // and ends before the launch returns
     fiber->state = FiberState::exited;
+    block.warp_exited[fiber->linear >> 5] |= 1u << (fiber->linear & 31);
     ++block.exited;
     worker = t_worker;
   }
@@ -535,36 +539,42 @@ inline void warp_collective(bool aligned) {
   const int lane = self.linear & 31;
   const int warp_base = self.linear - lane;
   const uint32_t lanes = existing_lanes(block, warp_base);
-  char mask_text[16];
-  std::snprintf(mask_text, sizeof mask_text, "0x%08x", op.mask);
+  auto mask_text = [&] {
+    char text[16];
+    std::snprintf(text, sizeof text, "0x%08x", op.mask);
+    return std::string(text);
+  };
   if (!(op.mask >> lane & 1u)) {
     fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
-         mask_text + " does not include the calling lane " + std::to_string(lane));
+         mask_text() + " does not include the calling lane " + std::to_string(lane));
   }
   if (aligned && lanes != 0xffffffffu) {
     fail(std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) +
          ") needs a full warp of 32 threads; this warp has " + std::to_string(__builtin_popcount(lanes)));
   }
   const uint32_t participants = op.mask & lanes;
+  const int warp = self.linear >> 5;
+  if (const uint32_t gone = block.warp_exited[warp] & participants; gone != 0) {
+    const int j = __builtin_ctz(gone);
+    fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
+         mask_text() + " names lane " + std::to_string(j) + ", but " + thread_name(block.fibers[warp_base + j]) +
+         " has exited; every lane in the mask must make the same call");
+  }
   self.state = FiberState::at_warp_op;
-  bool complete = true;
-  for (int j = 0; j < 32; ++j) {
+  uint32_t& waiting = block.warp_waiting[warp];
+  waiting |= 1u << lane;
+  // Only when every lane of the mask waits at some warp operation can this one complete; then check
+  // that it is this one. (A lane at another operation whose mask leaves us out may finish that
+  // first; a lane at one that needs us never will.)
+  bool complete = (waiting & participants) == participants;
+  for (int j = 0; complete && j < 32; ++j) {
     if (j == lane || !(participants >> j & 1u)) continue;
     const Fiber& other = block.fibers[warp_base + j];
-    if (other.state == FiberState::exited) {
-      fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
-           mask_text + " names lane " + std::to_string(j) + ", but " + thread_name(other) +
-           " has exited; every lane in the mask must make the same call");
-    }
-    if (other.state != FiberState::at_warp_op) {
-      complete = false;
-      continue;
-    }
     const bool same = other.op.kind == op.kind && other.op.mask == op.mask && other.op.variant == op.variant &&
                       (!aligned || same_site(other.op.site, op.site));
     if (!same) {
       if (other.op.mask >> lane & 1u) {
-        fail("warp mask mismatch: this lane calls " + std::string(warp_kind_name(op.kind)) + " with mask " + mask_text +
+        fail("warp mask mismatch: this lane calls " + std::string(warp_kind_name(op.kind)) + " with mask " + mask_text() +
              " (" + format_site(op.site) + ") while lane " + std::to_string(j) + " (" + thread_name(other) + ") " +
              describe_wait(other) + "; the lanes of a mask must make the same call with the same mask");
       }
@@ -572,12 +582,13 @@ inline void warp_collective(bool aligned) {
     }
   }
   if (complete) {
-    Fiber* warp[32];
-    for (int j = 0; j < 32; ++j) warp[j] = (lanes >> j & 1u) ? &block.fibers[warp_base + j] : nullptr;
-    op.complete(warp, participants);
+    Fiber* lanes_of_warp[32];
+    for (int j = 0; j < 32; ++j) lanes_of_warp[j] = (lanes >> j & 1u) ? &block.fibers[warp_base + j] : nullptr;
+    op.complete(lanes_of_warp, participants);
     for (int j = 0; j < 32; ++j) {
-      if (participants >> j & 1u) warp[j]->state = FiberState::runnable;
+      if (participants >> j & 1u) lanes_of_warp[j]->state = FiberState::runnable;
     }
+    waiting &= ~participants;
   }
   yield_to_scheduler();
 }
@@ -689,6 +700,10 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
   blockDim = launch.block;
   gridDim = launch.grid;
 
+  const size_t nwarps = (static_cast<size_t>(nthreads) + 31) / 32;
+  worker.warp_masks.assign(2 * nwarps, 0u);
+  block.warp_waiting = worker.warp_masks.data();
+  block.warp_exited = worker.warp_masks.data() + nwarps;
   worker.lane_tokens.resize(2 * static_cast<size_t>(nthreads));
   block.lane_tokens = worker.lane_tokens.data();
   sync_release(&block.start_token);
