@@ -223,6 +223,32 @@ def test_thread_sanitizer_mode_reports_a_missing_syncthreads(tmp_path_factory):
         assert re.search(r"gemm<missing sync> block \(\d,\d,0\) thread \(\d+,0,0\)", buggy.stderr)  # CUDA threads by name
 
 
+@needs_cuda_headers
+def test_address_sanitizer_mode_reports_out_of_bounds_kernels(tmp_path):
+    """Built with -fsanitize=address, fiber switches are announced to ASan and the unused part of the
+    dynamic shared memory buffer is poisoned: a kernel reading past a tensor or writing past its
+    dynamic shared memory is reported at its line; correct kernels (and one that fails with an
+    emu::Error) report nothing."""
+    binary = tmp_path / "asan_out_of_bounds"
+    command = [CXX, *HOST_FLAGS, "-g", "-fsanitize=address", "-I", str(ROOT / "csrc"), "-I", str(CUDA_INCLUDE),
+               str(TESTS / "asan_out_of_bounds.cpp"), "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 and ("asan" in result.stderr and "cannot find" in result.stderr):
+        pytest.skip("no AddressSanitizer runtime (libasan) for " + CXX)
+    assert result.returncode == 0, result.stderr[-6000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+    correct = subprocess.run([str(binary), "correct"], capture_output=True, text=True, env=env, timeout=300)
+    assert correct.returncode == 0 and "AddressSanitizer" not in correct.stderr, correct.stderr[-6000:]
+    source_lines = (TESTS / "asan_out_of_bounds.cpp").read_text().splitlines()
+    for mode, marker, kind in (("global", "GLOBAL_OVERFLOW", "heap-buffer-overflow"),
+                               ("dynamic", "DYNAMIC_OVERFLOW", "use-after-poison")):
+        line = next(i for i, text in enumerate(source_lines, 1) if marker in text)
+        run = subprocess.run([str(binary), mode], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode != 0
+        assert f"ERROR: AddressSanitizer: {kind}" in run.stderr, run.stderr[-3000:]
+        assert f"asan_out_of_bounds.cpp:{line}" in run.stderr, run.stderr[-3000:]
+
+
 def test_only_port_has_inline_asm():
     """port.cuh is the one file with inline PTX; kernel files have no asm and no <<<>>>."""
     offenders = []

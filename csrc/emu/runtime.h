@@ -62,6 +62,18 @@ void __tsan_set_fiber_name(void* fiber, const char* name);
 #define CHAINRULE_EMU_TSAN 0
 #endif
 
+// AddressSanitizer (-fsanitize=address): fiber switches are announced, so ASan knows which stack is
+// live (exceptions thrown in a kernel, stack reports), and the unused part of the dynamic shared
+// memory buffer is poisoned, so a kernel that reads or writes past its dynamic_smem_bytes, or out
+// of bounds of a tensor, is reported at the kernel's line.
+#if defined(__SANITIZE_ADDRESS__)
+#define CHAINRULE_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define CHAINRULE_EMU_ASAN 0
+#endif
+
 namespace chainrule::emu {
 
 // Everything the emulator detects (deadlock, mask mismatch, misalignment, bad launch) is an Error.
@@ -228,6 +240,7 @@ struct Fiber {
   void* tsan_fiber = nullptr;
   uint32_t syncwarps = 0;  // __syncwarp calls so far (TSan: which of the lane's two tokens to use)
   bool started = false;
+  void* asan_fake_stack = nullptr;
 };
 
 enum class BarrierKind : uint8_t { sync, count, and_, or_ };
@@ -292,6 +305,10 @@ struct Worker {
   std::vector<int> order;
   std::vector<char> lane_tokens;
   std::vector<uint32_t> warp_masks;
+  // ASan: the scheduler's (OS thread's) stack, learnt when a fiber first starts
+  const void* asan_scheduler_bottom = nullptr;
+  size_t asan_scheduler_size = 0;
+  void* asan_scheduler_fake_stack = nullptr;
 };
 
 inline thread_local Worker* t_worker = nullptr;
@@ -400,7 +417,14 @@ inline void switch_to_scheduler(Fiber& self, Worker& worker) {
 #if CHAINRULE_EMU_TSAN
   __tsan_switch_to_fiber(worker.tsan_scheduler, 1 /* no synchronisation */);
 #endif
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_start_switch_fiber(self.state == FiberState::exited ? nullptr : &self.asan_fake_stack,
+                                 worker.asan_scheduler_bottom, worker.asan_scheduler_size);
+#endif
   context_switch(self.context, worker.scheduler);
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(self.asan_fake_stack, nullptr, nullptr);
+#endif
 }
 
 inline void yield_to_scheduler() { switch_to_scheduler(*t_fiber, *t_worker); }
@@ -448,6 +472,9 @@ inline void check_exit(Fiber& fiber) {
 
 inline void fiber_main(void* arg) {
   auto* fiber = static_cast<Fiber*>(arg);
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &t_worker->asan_scheduler_bottom, &t_worker->asan_scheduler_size);
+#endif
   BlockRun& block = *fiber->block;
   sync_acquire(&block.start_token);  // the block starts after the launch
   fiber->started = true;
@@ -672,10 +699,20 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
 
   // Dynamic shared memory, poisoned with 0xff bytes (NaN in fp32, fp16 and bf16) at block start.
   const size_t smem_bytes = std::max<size_t>(launch.dynamic_smem_bytes, 128);
+#if CHAINRULE_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(worker.smem_storage.data(), worker.smem_storage.size());
+#endif
   if (worker.smem_storage.size() < smem_bytes + 128) worker.smem_storage.resize(smem_bytes + 128);
   auto smem_address = reinterpret_cast<uintptr_t>(worker.smem_storage.data());
   block.dynamic_smem = worker.smem_storage.data() + ((128 - smem_address % 128) % 128);
   std::memset(block.dynamic_smem, 0xff, smem_bytes);
+#if CHAINRULE_EMU_ASAN
+  // everything but the requested bytes is out of bounds
+  unsigned char* storage_end = worker.smem_storage.data() + worker.smem_storage.size();
+  unsigned char* requested_end = block.dynamic_smem + launch.dynamic_smem_bytes;
+  ASAN_POISON_MEMORY_REGION(worker.smem_storage.data(), static_cast<size_t>(block.dynamic_smem - worker.smem_storage.data()));
+  ASAN_POISON_MEMORY_REGION(requested_end, static_cast<size_t>(storage_end - requested_end));
+#endif
 
   for (int i = 0; i < nthreads; ++i) {
     Fiber& fiber = worker.fibers[static_cast<size_t>(i)];
@@ -691,6 +728,10 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
 #if CHAINRULE_EMU_TSAN
     __tsan_set_fiber_name(fiber.tsan_fiber, (std::string(launch.kernel_name) + " block " + format_dim(block.index) +
                                              " thread " + format_dim(fiber.index)).c_str());
+#endif
+#if CHAINRULE_EMU_ASAN
+    // frames left by the last block (fibers end by switching away, not by returning) are stale
+    ASAN_UNPOISON_MEMORY_REGION(fiber.stack.base, fiber.stack.size);
 #endif
     context_init(fiber.context, fiber.stack, &fiber_main, &fiber);
   }
@@ -736,7 +777,13 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
 #if CHAINRULE_EMU_TSAN
       __tsan_switch_to_fiber(fiber.tsan_fiber, 1 /* no synchronisation */);
 #endif
+#if CHAINRULE_EMU_ASAN
+      __sanitizer_start_switch_fiber(&worker.asan_scheduler_fake_stack, fiber.stack.base, fiber.stack.size);
+#endif
       context_switch(worker.scheduler, fiber.context);
+#if CHAINRULE_EMU_ASAN
+      __sanitizer_finish_switch_fiber(worker.asan_scheduler_fake_stack, nullptr, nullptr);
+#endif
       if (block.error) {
         t_fiber = nullptr;
         t_block = nullptr;
