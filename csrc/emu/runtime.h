@@ -816,6 +816,9 @@ inline void check_launch(const LaunchShared& launch) {
 }
 
 inline void launch_erased(const LaunchShared& launch) {
+  if (t_worker != nullptr)
+    throw Error("chainrule::emu::launch('" + std::string(launch.kernel_name) +
+                "'): launching from inside a kernel (dynamic parallelism) is not supported");
   check_launch(launch);
   g_launch_count.fetch_add(1, std::memory_order_relaxed);
   const uint64_t nblocks = uint64_t{launch.grid.x} * launch.grid.y * launch.grid.z;

@@ -202,3 +202,14 @@ TEST(basics_schedule_parsing) {
 TEST(basics_builtins_outside_kernel) {
   CHECK_THROWS(__syncthreads(), "outside a kernel");
 }
+
+namespace {
+__global__ void nested_launch(int* out) {
+  emu::launch("reverse_in_block", reverse_in_block, dim3(1), dim3(1), 0, out, out);
+}
+}  // namespace
+
+TEST(basics_launch_inside_kernel_is_an_error) {
+  int value = 0;
+  CHECK_THROWS(emu::launch("nested_launch", nested_launch, dim3(1), dim3(1), 0, &value), "dynamic parallelism");
+}
