@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
-PY := $(VENV)/bin/python
+PY := $(abspath $(VENV))/bin/python
 PIP := $(PY) -m pip
 JOBS ?= $(shell nproc)
 # The CUDA toolkit's root, from nvcc itself (nvcc on PATH may be a wrapper script elsewhere).
@@ -31,7 +31,7 @@ install: venv
 	time $(PIP) install -qq --no-build-isolation --no-deps .
 
 test: install
-	cd tests && time ../$(PY) -m pytest -q -ra $(PYTEST_ARGS) .
+	cd tests && time $(PY) -m pytest -q -ra $(PYTEST_ARGS) .
 
 bench: install
 	$(PY) benchmarks/run_all.py --quick
