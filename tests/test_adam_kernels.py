@@ -180,6 +180,19 @@ def test_mixed_dtypes_in_one_call():
     assert_bitwise_equal(args, emulated)
 
 
+@needs_emulator
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_tensor_lr_of_any_float_dtype(lr_dtype):
+    cpu = make_state([1, 3, 1025])
+    emulated = clone_state(cpu)
+    lr = torch.tensor(3e-3, dtype=lr_dtype)
+    adam_step(cpu, lr=lr)
+    with emulated_cuda():
+        adam_step(emulated, lr=lr)
+    assert_bitwise_equal(cpu, emulated)
+
+
 def _isa_digest(isa):
     """Runs 5 steps in a subprocess with CHAINRULE_CPU_ISA=isa; returns a digest of the bits."""
     code = (

@@ -45,6 +45,7 @@ struct Launch {
   int grid = 0;
   bool double_math = false;  // multi_tensor_adam_kernel<double> rather than <float>
   at::Tensor buffer;         // keeps the metadata alive while the launch is prepared
+  at::Tensor lr_float;       // a bfloat16/float16 lr tensor widened to float32 on its device
   int64_t counter_offset = 0;
 };
 
@@ -195,8 +196,20 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
   p.num_chunks = entry.num_chunks;
   p.options = a.options;
   p.lr = a.lr;
-  p.lr_tensor = a.lr_tensor != nullptr ? a.lr_tensor->data_ptr() : nullptr;
-  p.lr_is_double = a.lr_tensor != nullptr && a.lr_tensor->scalar_type() == at::kDouble;
+  p.lr_tensor = nullptr;
+  p.lr_is_double = false;
+  if (a.lr_tensor != nullptr) {
+    const at::ScalarType lr_dtype = a.lr_tensor->scalar_type();
+    if (lr_dtype == at::kFloat || lr_dtype == at::kDouble) {
+      p.lr_tensor = a.lr_tensor->data_ptr();
+      p.lr_is_double = lr_dtype == at::kDouble;
+    } else {
+      // The kernel reads float32 or float64; a 16-bit lr is widened (exactly) on the device, in
+      // stream order, without a host read.
+      launch.lr_float = a.lr_tensor->to(at::kFloat);
+      p.lr_tensor = launch.lr_float.data_ptr();
+    }
+  }
   p.step_is_double = step_is_double;
   p.grad_scale = a.grad_scale != nullptr && a.grad_scale->has_value()
                      ? (*a.grad_scale)->data_ptr<float>() : nullptr;
