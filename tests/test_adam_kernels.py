@@ -145,6 +145,31 @@ def test_cpu_and_emulated_cuda_are_bitwise_identical_over_50_steps(options):
     assert_bitwise_equal(cpu, emulated)
 
 
+def to_device(args, device):
+    return {k: [t.to(device) for t in v] for k, v in args.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not chainrule.build_info()["cuda_compiled"],
+                    reason="no CUDA device, or chainrule built without its CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_cpu_and_gpu_are_bitwise_identical(options, dtype):
+    """The same comparison on a real GPU: needs nvcc to honour --fmad=false for adam.cu."""
+    kwargs = resolve(OPTION_SETS[options])
+    cpu = make_state(SIZES, dtype=dtype, amsgrad=kwargs.get("amsgrad", False),
+                     master=dtype != torch.float32)
+    gpu = to_device(cpu, "cuda")
+    gpu_kwargs = dict(kwargs)
+    if isinstance(kwargs.get("lr"), torch.Tensor):
+        gpu_kwargs["lr"] = kwargs["lr"].cuda()
+    if "grad_scale" in kwargs:
+        gpu_kwargs["grad_scale"] = torch.tensor(kwargs["grad_scale"], device="cuda")
+    for _ in range(50):
+        adam_step(cpu, **kwargs)
+        adam_step(gpu, **gpu_kwargs)
+    assert_bitwise_equal(cpu, to_device(gpu, "cpu"))
+
+
 @needs_emulator
 @pytest.mark.parametrize("dtype,master", [(torch.bfloat16, True), (torch.bfloat16, False),
                                           (torch.float16, True), (torch.float16, False),
