@@ -46,7 +46,6 @@ struct Launch {
   bool double_math = false;  // multi_tensor_adam_kernel<double> rather than <float>
   at::Tensor buffer;         // keeps the metadata alive while the launch is prepared
   at::Tensor lr_float;       // a bfloat16/float16 lr tensor widened to float32 on its device
-  int64_t counter_offset = 0;
 };
 
 inline k::ParamDtype param_dtype(const at::Tensor& t) {
@@ -93,12 +92,6 @@ inline std::mutex& cache_mutex() {
 inline std::list<CacheEntry>& cache() {
   static std::list<CacheEntry> entries;
   return entries;
-}
-
-// Drops every cached buffer (tests use it to count uploads from a clean state).
-inline void clear_cache() {
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  cache().clear();
 }
 
 inline at::Tensor host_staging(int64_t bytes, const at::Device& device) {
@@ -185,7 +178,6 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
   Launch launch;
   launch.buffer = entry.buffer;
   launch.double_math = double_math;
-  launch.counter_offset = layout.counter;
   auto* base = static_cast<uint8_t*>(entry.buffer.data_ptr());
   k::KernelParams& p = launch.params;
   p.tensors = reinterpret_cast<const k::TensorMeta*>(base + layout.tensors);
