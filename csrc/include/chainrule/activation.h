@@ -111,31 +111,6 @@ CHAINRULE_HOST_DEVICE T activation_derivative(T z) {
   }
 }
 
-// act''(z), used only by the differentiable double-backward path (float64 gradgradcheck and
-// create_graph=True); kernels never need it.
-template <Activation A, typename T>
-CHAINRULE_HOST_DEVICE T activation_second_derivative(T z) {
-  using C = detail::ActConst<T>;
-  if constexpr (A == Activation::none || A == Activation::relu) {
-    return T(0);
-  } else if constexpr (A == Activation::gelu) {
-    T pdf = C::inv_sqrt_2pi * math::exp(T(-0.5) * z * z);
-    return pdf * (T(2) - z * z);
-  } else if constexpr (A == Activation::gelu_tanh) {
-    T z2 = z * z;
-    T inner = C::sqrt_2_over_pi * (z + C::tanh_coeff * z2 * z);
-    T th = math::tanh(inner);
-    T sech2 = T(1) - th * th;
-    T d_inner = C::sqrt_2_over_pi * (T(1) + T(3) * C::tanh_coeff * z2);
-    T dd_inner = C::sqrt_2_over_pi * T(6) * C::tanh_coeff * z;
-    return sech2 * d_inner + T(0.5) * z * (T(-2) * th * sech2 * d_inner * d_inner + sech2 * dd_inner);
-  } else {
-    static_assert(A == Activation::silu, "unhandled activation");
-    T s = T(1) / (T(1) + math::exp(-z));
-    return s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));
-  }
-}
-
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime activation `a`, turning it
 // into a template constant once, at the launcher.
 template <typename F>

@@ -1,0 +1,79 @@
+// chainrule._C: loads the ops (registration.cpp and the per-device kernels register themselves
+// when this library is loaded) and holds small helpers: build information and test hooks.
+#include <torch/extension.h>
+
+#include "backend.h"
+
+#if CHAINRULE_WITH_EMULATOR && __has_include("emu/emu.h")
+#define CHAINRULE_EMULATOR_HOOKS 1
+#include "emu/emu.h"
+#else
+#define CHAINRULE_EMULATOR_HOOKS 0
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = CHAINRULE_VERSION;
+  info["torch_version"] = CHAINRULE_TORCH_VERSION;
+  info["cuda_compiled"] = static_cast<bool>(CHAINRULE_WITH_CUDA);
+  pybind11::list archs;
+  std::string arch_list = CHAINRULE_CUDA_ARCHS;
+  size_t start = 0;
+  while (start < arch_list.size()) {
+    size_t comma = arch_list.find(',', start);
+    if (comma == std::string::npos) comma = arch_list.size();
+    archs.append("sm_" + arch_list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  info["cuda_architectures"] = archs;
+  info["cpu_simd"] = "scalar";
+  info["emulator_available"] = static_cast<bool>(CHAINRULE_WITH_EMULATOR);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "chainrule's compiled kernels; use the chainrule package, not this module";
+  m.def("build_info", &build_info, "How this chainrule was built (a dict)");
+  m.def("_set_host_backend",
+        [](const std::string& name) {
+          if (name == "cpu") {
+            chainrule::set_host_backend(chainrule::HostBackend::cpu);
+          } else if (name == "emulated_cuda") {
+            TORCH_CHECK(CHAINRULE_WITH_EMULATOR,
+                        "chainrule: the emulated_cuda backend is not built into this chainrule");
+            chainrule::set_host_backend(chainrule::HostBackend::emulated_cuda);
+          } else {
+            TORCH_CHECK(false, "chainrule: unknown host backend '", name,
+                        "'; expected 'cpu' or 'emulated_cuda'");
+          }
+        });
+  m.def("_host_backend", [] {
+    return chainrule::host_backend() == chainrule::HostBackend::cpu ? "cpu" : "emulated_cuda";
+  });
+
+#if CHAINRULE_EMULATOR_HOOKS
+  m.def("_emu_launch_count", [] { return chainrule::emu::launch_count(); });
+  m.def("_emu_set_schedule", [](const std::string& name, uint64_t seed) {
+    using chainrule::emu::Schedule;
+    Schedule schedule = Schedule::forward;
+    if (name == "reverse") {
+      schedule = Schedule::reverse;
+    } else if (name == "random") {
+      schedule = Schedule::random;
+    } else {
+      TORCH_CHECK(name == "forward", "chainrule: unknown emulator schedule '", name,
+                  "'; expected 'forward', 'reverse' or 'random'");
+    }
+    chainrule::emu::set_schedule(schedule, seed);
+  });
+  m.def("_emu_get_schedule", [] {
+    auto [schedule, seed] = chainrule::emu::get_schedule();
+    const char* names[] = {"forward", "reverse", "random"};
+    return pybind11::make_tuple(names[static_cast<int>(schedule)], seed);
+  });
+#endif
+}

@@ -1,0 +1,200 @@
+"""The fused linear layer as a torch.autograd.Function and a functional API.
+
+    y = activation(input @ weight.T + bias)
+
+Forward runs one op (chainrule.linear_forward) that fuses bias and activation into the GEMM's
+epilogue and, when a backward will follow and the activation needs it, keeps the pre-activation
+Z = input @ weight.T + bias: one extra (..., out_features) tensor in the input's dtype, traded for
+not recomputing a GEMM in backward. Backward runs one op that applies act'(Z), reduces the bias
+gradient and runs both gradient GEMMs.
+
+accumulate_grad=True: backward adds dW and db straight into weight.grad / bias.grad (allocating
+them when None) and hands autograd no weight/bias gradient, so there is no temporary dW and no
+AccumulateGrad pass. This applies to loss.backward() on leaf parameters. It is not used, and the
+gradient is returned in the ordinary way, when the backward is torch.autograd.grad(...) (the
+engine cannot accumulate there), under create_graph=True, for non-leaf weights, and under
+torch.compile. When backward(inputs=...) leaves the weight out, its gradient is not computed.
+Not supported: hooks on the weight or bias gradient (tensor hooks, post-accumulate-grad hooks,
+DDP's gradient bucketing), which never see the gradient: linear() raises if the parameter has
+such hooks registered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+
+
+def activation_op_name(activation: Optional[str], op: str = "chainrule.functional.linear") -> str:
+    """The activation as the ops spell it ("none" for None); raises ValueError for unknown ones."""
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{op}: unknown activation {activation!r}; expected one of None, 'relu', 'gelu', "
+            f"'gelu_tanh', 'silu'")
+    return activation
+
+
+def _native_activation(z: Tensor, activation: str) -> Tensor:
+    """The activation built from native differentiable ops: the double-backward path."""
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return F.silu(z)
+
+
+def _will_accumulate(node) -> Optional[bool]:
+    """Whether the current backward will run this AccumulateGrad node: True for loss.backward(),
+    False when backward(inputs=...) leaves it out, None under torch.autograd.grad()."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:
+        return None
+
+
+class LinearFunction(torch.autograd.Function):
+    """autograd.Function of the fused linear layer. Arguments of apply():
+    (input, weight, bias, activation: str ("none", "relu", ...), accumulate_grad: bool,
+    save_pre_activation: bool). Returns (output, pre_activation); use chainrule.functional.linear
+    unless you need this layer."""
+
+    @staticmethod
+    def forward(input, weight, bias, activation, accumulate_grad, save_pre_activation):
+        return ops.linear_forward(input, weight, bias, activation, save_pre_activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, activation, accumulate_grad, _ = inputs
+        _, pre_activation = output
+        ctx.mark_non_differentiable(pre_activation)
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, bias, pre_activation)
+        ctx.accumulate_nodes = None
+        if accumulate_grad:
+            ctx.accumulate_nodes = tuple(
+                torch.autograd.graph.get_gradient_edge(p).node
+                if p is not None and p.requires_grad and p.is_leaf else None
+                for p in (weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_pre_activation):
+        input, weight, bias, pre_activation = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        activation = ctx.activation
+        if torch.is_grad_enabled():
+            return LinearFunction._differentiable_backward(ctx, grad_output)
+        pre = pre_activation if activation != "none" else None
+
+        if ctx.accumulate_nodes is not None and ctx.accumulate_nodes[0] is not None:
+            accumulate_weight = _will_accumulate(ctx.accumulate_nodes[0])
+            accumulate_bias = _will_accumulate(ctx.accumulate_nodes[1]) \
+                if ctx.accumulate_nodes[1] is not None else False
+            if accumulate_weight is not None and accumulate_bias is not None:
+                return LinearFunction._accumulating_backward(
+                    ctx, grad_output, input, weight, bias, pre, accumulate_weight,
+                    accumulate_bias, needs_bias)
+
+        grad_input, grad_weight, grad_bias = ops.linear_backward(
+            grad_output, input, weight, pre, activation, ctx.has_bias,
+            (needs_input, needs_weight, needs_bias))
+        return (grad_input if needs_input else None, grad_weight if needs_weight else None,
+                grad_bias if (needs_bias and ctx.has_bias) else None, None, None, None)
+
+    @staticmethod
+    def _accumulating_backward(ctx, grad_output, input, weight, bias, pre, accumulate_weight,
+                               accumulate_bias, needs_bias):
+        needs_input = ctx.needs_input_grad[0]
+        if not accumulate_weight:
+            # backward(inputs=...) without the weight: dW is not wanted at all.
+            grad_input, _, grad_bias = ops.linear_backward(
+                grad_output, input, weight, pre, ctx.activation, ctx.has_bias,
+                (needs_input, False, needs_bias and not accumulate_bias))
+            return (grad_input if needs_input else None, None,
+                    grad_bias if (needs_bias and not accumulate_bias and ctx.has_bias) else None,
+                    None, None, None)
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        grad_bias_buffer = None
+        if accumulate_bias:
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias, memory_format=torch.contiguous_format)
+            grad_bias_buffer = bias.grad
+        grad_input = ops.linear_backward_accumulate(
+            grad_output, input, weight, pre, ctx.activation, needs_input, weight.grad,
+            grad_bias_buffer)
+        grad_bias = None
+        if needs_bias and not accumulate_bias and ctx.has_bias:
+            # The bias is not a leaf being accumulated into: hand autograd its gradient.
+            _, _, grad_bias = ops.linear_backward(grad_output, input, weight, pre, ctx.activation,
+                                                  True, (False, False, True))
+        return (grad_input if needs_input else None, None, grad_bias, None, None, None)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_output):
+        """create_graph=True: the same gradients, built from native differentiable ops so that
+        they can be differentiated again (double backward, gradgradcheck)."""
+        input, weight, bias, _ = ctx.saved_tensors
+        wanted = [t for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3])
+                  if need and t is not None]
+        with torch.enable_grad():
+            z = F.linear(input, weight, bias)
+            y = _native_activation(z, ctx.activation)
+            grads = torch.autograd.grad(y, wanted, grad_output, create_graph=True,
+                                        allow_unused=True)
+        out = []
+        it = iter(grads)
+        for t, need in zip((input, weight, bias), ctx.needs_input_grad[:3]):
+            out.append(next(it) if (need and t is not None) else None)
+        return (*out, None, None, None)
+
+
+def _check_no_gradient_hooks(parameter: Optional[Tensor], name: str) -> None:
+    if parameter is None:
+        return
+    if getattr(parameter, "_backward_hooks", None) or \
+            getattr(parameter, "_post_accumulate_grad_hooks", None):
+        raise RuntimeError(
+            f"chainrule.functional.linear: accumulate_grad=True writes {name}.grad directly and "
+            f"would bypass the gradient hooks registered on {name}; use accumulate_grad=False "
+            f"with hooks (for example under DistributedDataParallel)")
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           activation: Optional[str] = None, *, accumulate_grad: bool = False) -> Tensor:
+    """activation(input @ weight.T + bias), with the bias and activation fused into the GEMM.
+
+    input (..., in_features), weight (out_features, in_features), bias (out_features) or None;
+    activation one of None, "relu", "gelu" (exact erf), "gelu_tanh", "silu". With
+    accumulate_grad=True, backward adds the weight and bias gradients into .grad directly (see the
+    module docstring for what that does not support).
+    """
+    act = activation_op_name(activation)
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        # What autocast does for F.linear: compute in the autocast dtype.
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if accumulate_grad and torch.compiler.is_compiling():
+        accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
+    if accumulate_grad:
+        _check_no_gradient_hooks(weight, "weight")
+        _check_no_gradient_hooks(bias, "bias")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    save_pre_activation = needs_grad and act != "none"
+    output, _ = LinearFunction.apply(input, weight, bias, act, accumulate_grad,
+                                     save_pre_activation)
+    return output
