@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(BiasGradTile::kThreads)
   __syncthreads();
   if (warp != 0 || col >= p.n) return;
   Acc total = Acc(0);
-#pragma unroll
+CHAINRULE_UNROLL
   for (int w = 0; w < BiasGradTile::kWarps; ++w) total += warp_sums[w * BiasGradTile::kColumns + lane];
   if (p.slices > 1) {
     static_cast<Acc*>(p.partial_sums)[static_cast<int64_t>(blockIdx.y) * p.n + col] = total;

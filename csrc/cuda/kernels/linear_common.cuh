@@ -20,6 +20,14 @@
 #include "chainrule/activation.h"
 #include "cuda/port.cuh"
 
+// Full unrolling of the fixed-trip loops of the tiles. The host compiler (emulator) does not know
+// the CUDA pragma and needs no unrolling to be correct.
+#if defined(__CUDACC__)
+#define CHAINRULE_UNROLL _Pragma("unroll")
+#else
+#define CHAINRULE_UNROLL
+#endif
+
 namespace chainrule::kernels {
 
 enum class Major : int { k = 0, mn = 1 };
@@ -57,6 +65,12 @@ __host__ __device__ __forceinline__ uint16_t bits16(T v) {
   uint16_t b;
   memcpy(&b, &v, 2);
   return b;
+}
+
+// Two 16-bit values as one 32-bit word, the first in the low half (the lower address).
+template <typename T>
+__host__ __device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+  return uint32_t(bits16(lo)) | (uint32_t(bits16(hi)) << 16);
 }
 
 // C = epilogue(A . B). Sizes are int (the launcher checks they fit); offsets into the tensors are
@@ -122,9 +136,9 @@ struct Epilogue {
           const T z0 = from_accumulate<T>(v0 + b0);
           const T z1 = from_accumulate<T>(v1 + b1);
           if (p.pre_activation != nullptr) {
-            *reinterpret_cast<uint32_t*>(static_cast<T*>(p.pre_activation) +
-                                         row * p.ld_pre_activation + col) =
-                uint32_t(bits16(z0)) | (uint32_t(bits16(z1)) << 16);
+            port::store_vector(reinterpret_cast<uint32_t*>(static_cast<T*>(p.pre_activation) +
+                                                           row * p.ld_pre_activation + col),
+                               pack_pair(z0, z1));
           }
           v0 = activation_forward<A>(to_accumulate(z0));
           v1 = activation_forward<A>(to_accumulate(z1));
@@ -132,9 +146,8 @@ struct Epilogue {
           v0 = finish(p, row, col, v0);
           v1 = finish(p, row, col + 1, v1);
         }
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.c) + row * p.ldc + col) =
-            uint32_t(bits16(from_accumulate<T>(v0))) |
-            (uint32_t(bits16(from_accumulate<T>(v1))) << 16);
+        port::store_vector(reinterpret_cast<uint32_t*>(static_cast<T*>(p.c) + row * p.ldc + col),
+                           pack_pair(from_accumulate<T>(v0), from_accumulate<T>(v1)));
         return;
       }
     }

@@ -60,7 +60,7 @@ __device__ __forceinline__ void simt_load_tile(T* smem, const T* base, int64_t l
   constexpr int kThreads = SimtConfig<T>::kThreads;
   constexpr int kPerThread = kExtent * kBlockK / kThreads;
   static_assert(kExtent * kBlockK % kThreads == 0);
-#pragma unroll
+CHAINRULE_UNROLL
   for (int i = 0; i < kPerThread; ++i) {
     const int e = static_cast<int>(threadIdx.x) + i * kThreads;
     // Consecutive threads walk the contiguous global axis, for coalescing.
@@ -102,9 +102,9 @@ __global__ void __launch_bounds__(SimtConfig<T>::kThreads)
   auto local_n = [&](int j) { return (j / 4) * (Config::kBlockN / (TN / 4)) + tx * 4 + j % 4; };
 
   T acc[TM][TN];
-#pragma unroll
+CHAINRULE_UNROLL
   for (int i = 0; i < TM; ++i)
-#pragma unroll
+CHAINRULE_UNROLL
     for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
   const int k_tiles = (p.k + BK - 1) / BK;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(SimtConfig<T>::kThreads)
                                                                   k_tile * BK, p.k);
   };
 
-#pragma unroll
+CHAINRULE_UNROLL
   for (int s = 0; s < Config::kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
     port::cp_async_commit();
@@ -131,25 +131,25 @@ __global__ void __launch_bounds__(SimtConfig<T>::kThreads)
 
     const T* tile_a = smem + (k_tile % Config::kStages) * Config::kStageElements;
     const T* tile_b = tile_a + BK * Config::kStrideA;
-#pragma unroll
+CHAINRULE_UNROLL
     for (int k = 0; k < BK; ++k) {
       T a_reg[TM], b_reg[TN];
-#pragma unroll
+CHAINRULE_UNROLL
       for (int i = 0; i < TM; ++i) a_reg[i] = tile_a[k * Config::kStrideA + local_m(i)];
-#pragma unroll
+CHAINRULE_UNROLL
       for (int j = 0; j < TN; ++j) b_reg[j] = tile_b[k * Config::kStrideB + local_n(j)];
-#pragma unroll
+CHAINRULE_UNROLL
       for (int i = 0; i < TM; ++i)
-#pragma unroll
+CHAINRULE_UNROLL
         for (int j = 0; j < TN; ++j) acc[i][j] = math::fma(a_reg[i], b_reg[j], acc[i][j]);
     }
   }
   port::cp_async_wait<0>();
 
   using Epi = Epilogue<T, A, kAccumulate>;
-#pragma unroll
+CHAINRULE_UNROLL
   for (int i = 0; i < TM; ++i)
-#pragma unroll
+CHAINRULE_UNROLL
     for (int j = 0; j < TN; ++j)
       Epi::store(p, static_cast<int64_t>(m0) + local_m(i), n0 + local_n(j), acc[i][j]);
 }

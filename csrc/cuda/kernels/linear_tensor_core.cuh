@@ -72,7 +72,7 @@ struct OperandTile {
   static __device__ __forceinline__ void load(char* smem, const uint16_t* base, int64_t ld,
                                               int mn0, int mn_size, int k0, int k_size,
                                               bool aligned16) {
-#pragma unroll
+CHAINRULE_UNROLL
     for (int i = 0; i < kChunksPerThread; ++i) {
       const int chunk_id = static_cast<int>(threadIdx.x) + i * Tile::kThreads;
       const int row = chunk_id / kRowChunks;
@@ -91,7 +91,7 @@ struct OperandTile {
         port::cp_async<16>(dst, src, valid * 2);
       } else {
         uint32_t packed[4];
-#pragma unroll
+CHAINRULE_UNROLL
         for (int j = 0; j < 4; ++j) {
           const uint32_t lo = 2 * j < valid ? src[2 * j] : 0u;
           const uint32_t hi = 2 * j + 1 < valid ? src[2 * j + 1] : 0u;
@@ -99,7 +99,7 @@ struct OperandTile {
         }
         uint4 v;
         v.x = packed[0]; v.y = packed[1]; v.z = packed[2]; v.w = packed[3];
-        *reinterpret_cast<uint4*>(dst) = v;
+        port::store_vector(reinterpret_cast<uint4*>(dst), v);
       }
     }
   }
@@ -128,11 +128,11 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
   const uint16_t* b = static_cast<const uint16_t*>(p.b);
 
   float acc[Tile::kFragmentsM][Tile::kFragmentsN][4];
-#pragma unroll
+CHAINRULE_UNROLL
   for (int i = 0; i < Tile::kFragmentsM; ++i)
-#pragma unroll
+CHAINRULE_UNROLL
     for (int j = 0; j < Tile::kFragmentsN; ++j)
-#pragma unroll
+CHAINRULE_UNROLL
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
   const int k_tiles = (p.k + Tile::kBlockK - 1) / Tile::kBlockK;
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
 
   // Prologue: stages 0 .. kStages-2 in flight. Every step commits a group (possibly empty) so
   // that wait_group<kStages-2> always means "the tile about to be used has landed".
-#pragma unroll
+CHAINRULE_UNROLL
   for (int s = 0; s < Tile::kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
     port::cp_async_commit();
@@ -164,13 +164,13 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
     const int stage = k_tile % Tile::kStages;
     const char* tile_a = smem_a + stage * Tile::kOperandTileBytes;
     const char* tile_b = smem_b + stage * Tile::kOperandTileBytes;
-#pragma unroll
+CHAINRULE_UNROLL
     for (int k_step = 0; k_step < Tile::kBlockK / 16; ++k_step) {
       uint32_t a_frag[Tile::kFragmentsM][4];
       uint32_t b_frag[Tile::kFragmentsN][2];
       // ldmatrix.x4: lane l gives the row address of 8x8 matrix l / 8, row l % 8. The four
       // matrices of an A fragment are (m, k) = (0, 0), (8, 0), (0, 8), (8, 8).
-#pragma unroll
+CHAINRULE_UNROLL
       for (int i = 0; i < Tile::kFragmentsM; ++i) {
         const int m = warp_m * Tile::kWarpTileM + i * 16;
         if constexpr (kAMajor == Major::k) {
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
         }
       }
       // One ldmatrix.x4 covers two n8 fragments: matrices (n, k) = (0, 0), (0, 8), (8, 0), (8, 8).
-#pragma unroll
+CHAINRULE_UNROLL
       for (int j = 0; j < Tile::kFragmentsN / 2; ++j) {
         const int n = warp_n * Tile::kWarpTileN + j * 16;
         uint32_t r[4];
@@ -203,9 +203,9 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
         b_frag[2 * j + 1][0] = r[2];
         b_frag[2 * j + 1][1] = r[3];
       }
-#pragma unroll
+CHAINRULE_UNROLL
       for (int i = 0; i < Tile::kFragmentsM; ++i)
-#pragma unroll
+CHAINRULE_UNROLL
         for (int j = 0; j < Tile::kFragmentsN; ++j)
           port::mma_m16n8k16<T>(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
     }
@@ -214,9 +214,9 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads)
 
   // Accumulator fragment: lane holds rows lane/4 and lane/4 + 8, columns 2 (lane % 4) + {0, 1}.
   using Epi = Epilogue<T, A, kAccumulate>;
-#pragma unroll
+CHAINRULE_UNROLL
   for (int i = 0; i < Tile::kFragmentsM; ++i) {
-#pragma unroll
+CHAINRULE_UNROLL
     for (int j = 0; j < Tile::kFragmentsN; ++j) {
       const int64_t row = m0 + warp_m * Tile::kWarpTileM + i * 16 + (lane >> 2);
       const int col = n0 + warp_n * Tile::kWarpTileN + j * 8 + (lane & 3) * 2;
