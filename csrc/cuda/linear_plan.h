@@ -5,7 +5,7 @@
 // a Launcher, a callable
 //   launch(const char* name, void (*kernel)(Params), dim3 grid, dim3 block, size_t smem, Params)
 // and nothing here depends on torch, so tests/test_cuda_build.py can instantiate every kernel
-// from a tiny translation unit (linear_plan_instantiate()).
+// from a tiny translation unit (announce_every_kernel()).
 //
 // Runtime choices become template constants here, once: element type (tensor cores for
 // bfloat16/float16, SIMT for float32/float64), operand majorness (from the GEMM's role),
@@ -39,18 +39,25 @@ enum class GemmRole {
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Kernel names as launches report them (emulator errors, the build test): family<element type>.
+#define CHAINRULE_KERNEL_NAME(family)                                                \
+  (std::is_same_v<T, double>  ? family "<float64>"                                   \
+   : std::is_same_v<T, float> ? family "<float32>"                                   \
+   : std::is_same_v<T, __half> ? family "<float16>"                                  \
+                               : family "<bfloat16>")
+
 template <typename T, Major kAMajor, Major kBMajor, Activation A, bool kAccumulate, class Launcher>
 void launch_gemm_kernel(Launcher& launch, const GemmParams& p) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     using Config = kernels::SimtConfig<T>;
     const dim3 grid(ceil_div(p.m, Config::kBlockM), ceil_div(p.n, Config::kBlockN));
-    launch("chainrule::kernels::linear_gemm_simt_kernel",
+    launch(CHAINRULE_KERNEL_NAME("linear_gemm_simt_kernel"),
            &kernels::linear_gemm_simt_kernel<T, kAMajor, kBMajor, A, kAccumulate>, grid,
            dim3(Config::kThreads), static_cast<size_t>(Config::kSmemBytes), p);
   } else {
     using Tile = kernels::TensorCoreTile;
     const dim3 grid(ceil_div(p.m, Tile::kBlockM), ceil_div(p.n, Tile::kBlockN));
-    launch("chainrule::kernels::linear_gemm_tensor_core_kernel",
+    launch(CHAINRULE_KERNEL_NAME("linear_gemm_tensor_core_kernel"),
            &kernels::linear_gemm_tensor_core_kernel<T, kAMajor, kBMajor, A, kAccumulate>, grid,
            dim3(Tile::kThreads), static_cast<size_t>(Tile::kSmemBytes), p);
   }
@@ -115,12 +122,12 @@ void launch_bias_grad_typed(Launcher& launch, Activation activation, const BiasG
   const dim3 grid(ceil_div(p.n, Tile::kColumns), p.slices);
   const size_t smem = sizeof(Acc) * Tile::kWarps * Tile::kColumns;
   dispatch_activation(activation, [&](auto act) {
-    launch("chainrule::kernels::linear_bias_grad_kernel",
+    launch(CHAINRULE_KERNEL_NAME("linear_bias_grad_kernel"),
            &kernels::linear_bias_grad_kernel<T, decltype(act)::value>, grid, dim3(Tile::kThreads),
            smem, p);
   });
   if (p.grad_bias != nullptr && p.slices > 1) {
-    launch("chainrule::kernels::linear_bias_grad_finalize_kernel",
+    launch(CHAINRULE_KERNEL_NAME("linear_bias_grad_finalize_kernel"),
            &kernels::linear_bias_grad_finalize_kernel<T>, dim3(ceil_div(p.n, Tile::kThreads)),
            dim3(Tile::kThreads), size_t{0}, p);
   }
@@ -141,13 +148,30 @@ void launch_bias_grad(Launcher& launch, DType dtype, Activation activation,
   }
 }
 
-// Instantiates every kernel of the linear layer with `launch` (used by the build test, which
-// compiles this into a cubin and inspects the resource usage and SASS of each kernel).
+// Hands every kernel of the linear layer to `launch` once, with dummy parameters: for the build
+// test (tests/test_cuda_build.py), whose Launcher records the name, block and shared memory of
+// each kernel instead of running it. Never call it with a launcher that runs kernels.
 template <class Launcher>
-void linear_plan_instantiate(Launcher& launch, DType dtype, GemmRole role, Activation activation,
-                             bool accumulate) {
-  launch_gemm(launch, dtype, role, activation, accumulate, GemmParams{});
-  launch_bias_grad(launch, dtype, activation, BiasGradParams{});
+void announce_every_kernel(Launcher& launch) {
+  GemmParams gemm{};
+  gemm.m = gemm.n = gemm.k = 1;
+  BiasGradParams bias{};
+  bias.m = bias.n = 1;
+  bias.rows_per_slice = 1;
+  bias.slices = 2;
+  bias.grad_bias = &bias;  // non-null: the finalize kernel is announced too
+  for (DType dtype : {DType::float64, DType::float32, DType::bfloat16, DType::float16}) {
+    for (int a = 0; a < kNumActivations; ++a) {
+      const Activation activation = static_cast<Activation>(a);
+      launch_gemm(launch, dtype, GemmRole::forward, activation, false, gemm);
+      launch_bias_grad(launch, dtype, activation, bias);
+    }
+    launch_gemm(launch, dtype, GemmRole::grad_input, Activation::none, false, gemm);
+    launch_gemm(launch, dtype, GemmRole::grad_weight, Activation::none, false, gemm);
+    launch_gemm(launch, dtype, GemmRole::grad_weight, Activation::none, true, gemm);
+  }
 }
+
+#undef CHAINRULE_KERNEL_NAME
 
 }  // namespace chainrule::linear_plan

@@ -34,6 +34,9 @@ struct TensorCoreTile {
   static constexpr int kWarpsM = 2;
   static constexpr int kWarpsN = 4;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  // Two resident blocks per SM (<= 128 registers a thread, 2 x 48 KiB of shared memory): one
+  // block's epilogue and prologue overlap the other's main loop.
+  static constexpr int kMinBlocksPerSM = 2;
   static constexpr int kWarpTileM = kBlockM / kWarpsM;  // 64: four m16 fragments
   static constexpr int kWarpTileN = kBlockN / kWarpsN;  // 32: four n8 fragments
   static constexpr int kFragmentsM = kWarpTileM / 16;
@@ -106,7 +109,7 @@ CHAINRULE_UNROLL
 };
 
 template <typename T, Major kAMajor, Major kBMajor, Activation A, bool kAccumulate>
-__global__ void __launch_bounds__(TensorCoreTile::kThreads)
+__global__ void __launch_bounds__(TensorCoreTile::kThreads, TensorCoreTile::kMinBlocksPerSM)
     linear_gemm_tensor_core_kernel(const GemmParams p) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
                 "tensor-core GEMM takes bfloat16 or float16");
