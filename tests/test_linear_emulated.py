@@ -189,3 +189,12 @@ def test_bias_grad_is_deterministic(dtype):
             results.append(ops.linear_backward(dy, x, w, z, "silu", True, [False, True, True]))
     for dx, dw, db in results[1:]:
         assert torch.equal(dw, results[0][1]) and torch.equal(db, results[0][2])
+
+
+@pytest.mark.parametrize("accumulate", (False, True), ids=("store", "accumulate"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_grad_weight(dtype, accumulate):
+    """A long batch and a small weight: grad_weight is split along the batch into k-slices that a
+    second kernel adds in order (15 slices here), overwriting or accumulating."""
+    _run_case(1000, 24, 20, dtype, "none", bias=True, schedule="random", seed=5,
+              accumulate=accumulate)

@@ -81,6 +81,8 @@ inline kernels::GemmParams gemm_params(const at::Tensor& a, int64_t lda, const a
   p.m = checked_int("chainrule.linear", "GEMM M", m);
   p.n = checked_int("chainrule.linear", "GEMM N", n);
   p.k = checked_int("chainrule.linear", "GEMM K", k);
+  p.k_per_split = p.k;
+  p.splits = 1;
   const int64_t elem = a.element_size();
   p.operands_aligned16 = aligned(p.a, 16) && aligned(p.b, 16) && (lda * elem) % 16 == 0 &&
                          (ldb * elem) % 16 == 0;
@@ -117,8 +119,7 @@ std::tuple<at::Tensor, at::Tensor> forward(Launcher& launch, const at::Tensor& i
     p.output_pairs_aligned =
         p.output_pairs_aligned && aligned(p.pre_activation, 2 * input.element_size());
   }
-  linear_plan::launch_gemm(launch, dtype_of(weight), GemmRole::forward, activation,
-                           /*accumulate=*/false, p);
+  linear_plan::launch_gemm(launch, dtype_of(weight), GemmRole::forward, activation, p);
 
   const auto out_sizes = with_last_dim(input.sizes(), N);
   return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : at::empty({0}, input.options())};
@@ -175,14 +176,23 @@ at::Tensor backward_into(Launcher& launch, const at::Tensor& grad_output, const 
     // dW[N, K] = dZ^T . X: A = dZ read MN-major, B = X read MN-major, reduction over the M rows.
     kernels::GemmParams p =
         gemm_params(dz, leading_dim(dz), x, leading_dim(x), *grad_weight, K, N, K, M);
-    linear_plan::launch_gemm(launch, dtype, GemmRole::grad_weight, Activation::none, accumulate,
-                             p);
+    p.accumulate = accumulate;
+    const linear_plan::SplitK split = linear_plan::plan_split_k(dtype, GemmRole::grad_weight, N, K, M);
+    at::Tensor partial_sums;
+    if (split.splits > 1) {
+      p.splits = split.splits;
+      p.k_per_split = split.k_per_split;
+      partial_sums = at::empty({split.splits, N, K},
+                               dz.options().dtype(accumulate_type(dz.scalar_type())));
+      p.partial_sums = partial_sums.mutable_data_ptr();
+    }
+    linear_plan::launch_gemm(launch, dtype, GemmRole::grad_weight, Activation::none, p);
   }
   if (!compute_grad_input) return at::empty({0}, input.options());
   // dX[M, K] = dZ . W: A = dZ K-major, B = W MN-major, reduction over the N output features.
   at::Tensor grad_input = at::empty({M, K}, input.options());
   kernels::GemmParams p = gemm_params(dz, leading_dim(dz), w, leading_dim(w), grad_input, K, M, K, N);
-  linear_plan::launch_gemm(launch, dtype, GemmRole::grad_input, Activation::none, false, p);
+  linear_plan::launch_gemm(launch, dtype, GemmRole::grad_input, Activation::none, p);
   return grad_input.view(input.sizes());
 }
 

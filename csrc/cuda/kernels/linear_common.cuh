@@ -83,23 +83,34 @@ struct GemmParams {
   void* pre_activation;      // (M, N) Z = A.B + bias stored before the activation, or null
   int64_t lda, ldb, ldc, ld_pre_activation;
   int m, n, k;
+  // Split-K: block z reduces k in [z * k_per_split, (z + 1) * k_per_split) (k_per_split = k when
+  // not split) and, with Store::partial, writes its unrounded sums to partial_sums[z][m][n].
+  int k_per_split;
+  int splits;
+  void* partial_sums;
+  bool accumulate;           // split-K reduction: C = round(C + sum) instead of round(sum)
   bool operands_aligned16;   // a, b, lda, ldb allow 16-byte cp.async of every row chunk
   bool output_pairs_aligned; // c, pre_activation, ldc, ld_pre allow 2-element stores
 };
 
-// The fused epilogue, chosen at compile time:
-//   kAccumulate:  C = round(C + acc)                                  (grad_weight, beta = 1)
-//   otherwise:    Z = round(acc + bias); C = round(act(Z)); store Z   (forward; plain store when
-//                 A = none and there is no bias: grad_input and overwriting grad_weight)
+// What a GEMM's epilogue does with its accumulators (a template constant).
+enum class Store : int {
+  output = 0,      // Z = round(acc + bias); C = round(act(Z)); Z stored when asked
+  accumulate = 1,  // C = round(C + acc), fp32 (fp64) math: grad_weight with beta = 1
+  partial = 2,     // partial_sums[z] = acc, unrounded: one k-slice of a split-K GEMM
+};
+
+// The fused epilogue, chosen at compile time (Store above). Store::output with A = none and no
+// bias is the plain store of grad_input and of an overwritten grad_weight.
 // Z is rounded to the storage type before the activation, as the unfused F.linear + activation
 // would do and as the CPU backend does, so backward differentiates at the value that was stored.
-template <typename T, Activation A, bool kAccumulate>
+template <typename T, Activation A, Store kStore>
 struct Epilogue {
   using Acc = accumulate_t<T>;
 
   // Final value of element (row, col); writes the pre-activation as a side effect.
   static __device__ __forceinline__ Acc finish(const GemmParams& p, int64_t row, int col, Acc v) {
-    if constexpr (kAccumulate) {
+    if constexpr (kStore == Store::accumulate) {
       return v + to_accumulate(static_cast<const T*>(p.c)[row * p.ldc + col]);
     } else {
       if (p.bias != nullptr) v += to_accumulate(static_cast<const T*>(p.bias)[col]);
@@ -117,16 +128,20 @@ struct Epilogue {
 
   static __device__ __forceinline__ void store(const GemmParams& p, int64_t row, int col, Acc v) {
     if (row >= p.m || col >= p.n) return;
-    static_cast<T*>(p.c)[row * p.ldc + col] = from_accumulate<T>(finish(p, row, col, v));
+    if constexpr (kStore == Store::partial) {
+      static_cast<Acc*>(p.partial_sums)[(static_cast<int64_t>(blockIdx.z) * p.m + row) * p.n + col] = v;
+    } else {
+      static_cast<T*>(p.c)[row * p.ldc + col] = from_accumulate<T>(finish(p, row, col, v));
+    }
   }
 
   // Columns col and col + 1 of one row (the layout of an mma accumulator fragment).
   static __device__ __forceinline__ void store_pair(const GemmParams& p, int64_t row, int col,
                                                     Acc v0, Acc v1) {
     if (row >= p.m || col >= p.n) return;
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 2 && kStore != Store::partial) {
       if (col + 1 < p.n && p.output_pairs_aligned) {
-        if constexpr (!kAccumulate && A != Activation::none) {
+        if constexpr (kStore == Store::output && A != Activation::none) {
           // Pre-activation pair store: finish() would store the halves one by one.
           Acc b0 = 0, b1 = 0;
           if (p.bias != nullptr) {
@@ -155,5 +170,23 @@ struct Epilogue {
     store(p, row, col + 1, v1);
   }
 };
+
+// Second half of a split-K GEMM: C = round(sum_z partial_sums[z]) or round(C + sum_z ...),
+// adding the k-slices in slice order, so the result does not depend on which slice finished first.
+template <typename T>
+__global__ void __launch_bounds__(256) linear_split_k_reduce_kernel(const GemmParams p) {
+  using Acc = accumulate_t<T>;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int64_t size = static_cast<int64_t>(p.m) * p.n;
+  if (index >= size) return;
+  const int64_t row = index / p.n;
+  const int col = static_cast<int>(index % p.n);
+  const Acc* partial = static_cast<const Acc*>(p.partial_sums);
+  Acc sum = partial[index];
+  for (int z = 1; z < p.splits; ++z) sum += partial[z * size + index];
+  T* c = static_cast<T*>(p.c) + row * p.ldc + col;
+  if (p.accumulate) sum += to_accumulate(*c);
+  *c = from_accumulate<T>(sum);
+}
 
 }  // namespace chainrule::kernels

@@ -83,7 +83,7 @@ CHAINRULE_UNROLL
   }
 }
 
-template <typename T, Major kAMajor, Major kBMajor, Activation A, bool kAccumulate>
+template <typename T, Major kAMajor, Major kBMajor, Activation A, Store kStore>
 __global__ void __launch_bounds__(SimtConfig<T>::kThreads, SimtConfig<T>::kMinBlocksPerSM)
     linear_gemm_simt_kernel(const GemmParams p) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -110,14 +110,17 @@ CHAINRULE_UNROLL
 CHAINRULE_UNROLL
     for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
-  const int k_tiles = (p.k + BK - 1) / BK;
+  // This block's k-slice (all of k unless the GEMM is split along k).
+  const int k_begin = static_cast<int>(blockIdx.z) * p.k_per_split;
+  const int k_end = p.k - k_begin < p.k_per_split ? p.k : k_begin + p.k_per_split;
+  const int k_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
   auto load_stage = [&](int stage, int k_tile) {
     T* tile_a = smem + stage * Config::kStageElements;
     T* tile_b = tile_a + BK * Config::kStrideA;
     simt_load_tile<T, kAMajor, Config::kBlockM, Config::kStrideA>(tile_a, a, p.lda, m0, p.m,
-                                                                  k_tile * BK, p.k);
+                                                                  k_begin + k_tile * BK, k_end);
     simt_load_tile<T, kBMajor, Config::kBlockN, Config::kStrideB>(tile_b, b, p.ldb, n0, p.n,
-                                                                  k_tile * BK, p.k);
+                                                                  k_begin + k_tile * BK, k_end);
   };
 
 CHAINRULE_UNROLL
@@ -149,7 +152,7 @@ CHAINRULE_UNROLL
   }
   port::cp_async_wait<0>();
 
-  using Epi = Epilogue<T, A, kAccumulate>;
+  using Epi = Epilogue<T, A, kStore>;
 CHAINRULE_UNROLL
   for (int i = 0; i < TM; ++i)
 CHAINRULE_UNROLL

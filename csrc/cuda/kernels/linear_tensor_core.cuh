@@ -108,7 +108,7 @@ CHAINRULE_UNROLL
   }
 };
 
-template <typename T, Major kAMajor, Major kBMajor, Activation A, bool kAccumulate>
+template <typename T, Major kAMajor, Major kBMajor, Activation A, Store kStore>
 __global__ void __launch_bounds__(TensorCoreTile::kThreads, TensorCoreTile::kMinBlocksPerSM)
     linear_gemm_tensor_core_kernel(const GemmParams p) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
@@ -138,12 +138,15 @@ CHAINRULE_UNROLL
 CHAINRULE_UNROLL
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  const int k_tiles = (p.k + Tile::kBlockK - 1) / Tile::kBlockK;
+  // This block's k-slice (all of k unless the GEMM is split along k).
+  const int k_begin = static_cast<int>(blockIdx.z) * p.k_per_split;
+  const int k_end = p.k - k_begin < p.k_per_split ? p.k : k_begin + p.k_per_split;
+  const int k_tiles = k_end > k_begin ? (k_end - k_begin + Tile::kBlockK - 1) / Tile::kBlockK : 0;
   auto load_stage = [&](int stage, int k_tile) {
-    const int k0 = k_tile * Tile::kBlockK;
-    ATile::load(smem_a + stage * Tile::kOperandTileBytes, a, p.lda, m0, p.m, k0, p.k,
+    const int k0 = k_begin + k_tile * Tile::kBlockK;
+    ATile::load(smem_a + stage * Tile::kOperandTileBytes, a, p.lda, m0, p.m, k0, k_end,
                 p.operands_aligned16);
-    BTile::load(smem_b + stage * Tile::kOperandTileBytes, b, p.ldb, n0, p.n, k0, p.k,
+    BTile::load(smem_b + stage * Tile::kOperandTileBytes, b, p.ldb, n0, p.n, k0, k_end,
                 p.operands_aligned16);
   };
 
@@ -216,7 +219,7 @@ CHAINRULE_UNROLL
   port::cp_async_wait<0>();
 
   // Accumulator fragment: lane holds rows lane/4 and lane/4 + 8, columns 2 (lane % 4) + {0, 1}.
-  using Epi = Epilogue<T, A, kAccumulate>;
+  using Epi = Epilogue<T, A, kStore>;
 CHAINRULE_UNROLL
   for (int i = 0; i < Tile::kFragmentsM; ++i) {
 CHAINRULE_UNROLL
