@@ -147,6 +147,35 @@ def _parse_ptxas(report: str) -> list[Kernel]:
     return list(kernels.values())
 
 
+_ROLES = {(0, 0): "forward", (0, 1): "grad_input", (1, 1): "grad_weight"}
+_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+_STORES = ("store", "accumulate", "split-K slice")
+
+
+def _label(kernels: list[Kernel]) -> dict[str, str]:
+    """A readable name per kernel: family<dtype> and, for GEMMs, role / activation / store."""
+    demangled = {}
+    cxxfilt = shutil.which("c++filt")
+    names = sorted({k.mangled for k in kernels})
+    if cxxfilt:
+        out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+        demangled = dict(zip(names, out.stdout.splitlines()))
+    labels = {}
+    for k in kernels:
+        label = f"{k.family}<{k.dtype}>"
+        d = demangled.get(k.mangled, "")
+        g = re.search(r"Major\)(\d), \(chainrule::kernels::Major\)(\d), \(chainrule::Activation\)(\d),"
+                      r" \(chainrule::kernels::Store\)(\d)", d)
+        if g:
+            a, b, act, store = map(int, g.groups())
+            label += f" {_ROLES[(a, b)]} {_ACTIVATIONS[act]} {_STORES[store]}"
+        g = re.search(r"linear_bias_grad_kernel<[^,]+, \(chainrule::Activation\)(\d)>", d)
+        if g:
+            label += f" {_ACTIVATIONS[int(g.group(1))]}"
+        labels[k.mangled] = label
+    return labels
+
+
 def _blocks_per_sm(arch: str, registers: int, threads: int, smem: int) -> tuple[int, str]:
     """Resident blocks per SM and the resource that limits them."""
     lim = SM_LIMITS[arch]
@@ -208,12 +237,13 @@ def test_every_kernel_compiles_for_every_arch(build):
 def test_no_spills_and_at_least_one_block_per_sm(build):
     rows = []
     failures = []
-    for k in sorted(build["kernels"], key=lambda k: (k.arch, k.family, k.dtype, k.mangled)):
+    labels = _label(build["kernels"])
+    for k in sorted(build["kernels"], key=lambda k: (k.arch, labels[k.mangled])):
         threads, dynamic_smem = build["launch"][f"{k.family}<{k.dtype}>"]
         smem = k.static_smem + dynamic_smem
         blocks, limiter = _blocks_per_sm(k.arch, k.registers, threads, smem)
         occupancy = blocks * threads / SM_LIMITS[k.arch]["threads"]
-        rows.append(f"{k.arch} {k.family + '<' + k.dtype + '>':46s} regs {k.registers:3d} "
+        rows.append(f"{k.arch} {labels[k.mangled]:72s} regs {k.registers:3d} "
                     f"threads {threads} smem {smem:6d} B  spills {k.spill_stores}/{k.spill_loads}"
                     f"  blocks/SM {blocks} ({limiter})  occupancy {occupancy:.0%}")
         if k.spill_stores or k.spill_loads or k.stack:
@@ -224,7 +254,7 @@ def test_no_spills_and_at_least_one_block_per_sm(build):
                 failures.append(f"{k.mangled}: {k.registers} registers x {threads} threads")
             if smem > 228 * 1024 or blocks < 1:
                 failures.append(f"{k.mangled}: {smem} bytes of shared memory, {blocks} blocks/SM")
-    print("\n" + "\n".join(dict.fromkeys(rows)))
+    print("\n" + "\n".join(rows))
     assert not failures, "\n".join(failures)
 
 
