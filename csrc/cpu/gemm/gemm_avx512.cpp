@@ -38,9 +38,58 @@ struct CommonF32Io {
 constexpr int kMr = 14;
 constexpr int kNr = 32;
 
+// 16 x 16 fp32 transpose in registers: r[i][j] -> r[j][i] (unpack pairs, then quads, then
+// 128-bit lanes twice).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
 struct KernelF32 : CommonF32Io {
   using In = float;
   static constexpr int MR = kMr, NR = kNr, KU = 1;
+
+  // B micro-panel from a transposed view (the weight in the forward: column c of B is row j0 + c
+  // of W, contiguous in k): 16 x 16 register transposes instead of one strided store per value.
+  // Writes every unit of the panel (zeros past nr).
+  static void pack_b_transposed(const float* b, int64_t ld, int64_t p0, int64_t kc, int64_t j0,
+                                int nr, uint32_t* panel) {
+    float* dst = reinterpret_cast<float*>(panel);
+    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      const int kn = static_cast<int>(std::min<int64_t>(16, kc - k0));
+      for (int g = 0; g < NR; g += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = g + i < nr ? _mm512_maskz_loadu_ps(lanes(kn), b + (j0 + g + i) * ld + p0 + k0)
+                            : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        for (int t = 0; t < kn; ++t) _mm512_storeu_ps(dst + (k0 + t) * NR + g, r[t]);
+      }
+    }
+  }
+
   static __m512 load(const float* p, int n) { return load_f32(p, n); }
   static void store(float* p, __m512 v, int n) { store_f32(p, v, n); }
   static __m512 round_to_input(__m512 v) { return v; }

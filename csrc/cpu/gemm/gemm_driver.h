@@ -150,6 +150,8 @@ struct Driver {
           }
         }
       }
+    } else if constexpr (requires { &Kernel::pack_b_transposed; }) {
+      Kernel::pack_b_transposed(b, p.b_col_stride, p0, kc, j0, nr, dst);
     } else {
       // B is a transposed view (the weight in the forward): columns contiguous in k.
       if (nr < NR || (kc % KU) != 0) std::memset(dst, 0, sizeof(uint32_t) * kcu * NR);
