@@ -197,14 +197,15 @@ void activation_map_impl(Activation activation, bool derivative, const float* in
 // Blocking (see ARCHITECTURE.md, "CPU GEMM"). mc is chosen per call so the packed A block
 // (mc x kc) is about 448 KiB, under half of the 1 MiB L2, next to the kc x nr B micro-panel it
 // sweeps (1024 x 32 fp32 = 128 KiB); the micro-kernel streams both with the hardware prefetcher.
-// What matters most on this CPU is a long kc: every k block costs one read-modify-write pass of
+// nc = 2048 keeps each thread's kc x nc B block at 8 MiB, so the two threads' copies share the
+// 32 MiB L3. What matters most on this CPU is a long kc: every k block costs one read-modify-write pass of
 // C. Measured on one core, per CPU-second, 2048^3 and 4096x1024x4096: kc/mc = 256/168: 88,
 // 512/112: 95-97, 1024/56: 90-106, 1024/112: 95-106 GFLOP/s (peak 110).
 constexpr int64_t kABlockBytes = 448 << 10;
-constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/1024, /*mc=*/kMr * 16, /*nc=*/kNr * 128, kABlockBytes};
+constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/1024, /*mc=*/kMr * 16, /*nc=*/kNr * 64, kABlockBytes};
 // Same bytes per panel as fp32: a packed unit holds two bf16 values. kc = 4096 lets the backward
 // GEMMs of a 4096-row batch run in one k block (no fp32 partial sums of C between blocks).
-constexpr Blocking kBF16Blocking{kMr, kNr, /*kc=*/4096, /*mc=*/kMr * 16, /*nc=*/kNr * 128, kABlockBytes};
+constexpr Blocking kBF16Blocking{kMr, kNr, /*kc=*/4096, /*mc=*/kMr * 16, /*nc=*/kNr * 64, kABlockBytes};
 static_assert(kF32Blocking.mc <= Driver<KernelF32>::kMaxPanels * kMr);
 static_assert(kBF16Blocking.mc <= Driver<KernelBF16>::kMaxPanels * kMr);
 
