@@ -4,9 +4,10 @@
 // The activation formulas below mirror activation_forward / activation_derivative in
 // chainrule/activation.h operation for operation (same association, no contraction, since the
 // scalar header is compiled with -ffp-contract=off); only exp/erf/tanh are replaced by
-// polynomials. tests/cpu_gemm/gemm_check.cpp holds every activation and derivative against the
-// exact (double) value: within 3e-7 relative to max(1, |value|), about 2.5 ulp, or twice the
-// scalar function's own error where the formula itself is ill-conditioned.
+// polynomials. tests/cpu_gemm/gemm_check.cpp (against our scalar functions) and
+// tests/test_cpu_isa.py (against torch's float ops) hold every activation and derivative to the
+// exact (double) value: within 3e-7 resp. 4e-7 relative to max(1, |value|), about 3 ulp, or twice
+// the float reference's own error where the formula itself is ill-conditioned.
 //
 //   exp:  Cody-Waite reduction x = n ln2 + r, Cephes expf polynomial on |r| <= ln2/2, scale 2^n.
 //   erf:  |x| < 1:     x * P(x^2), least-squares fit on Chebyshev nodes (degree 7 in x^2);
