@@ -217,7 +217,7 @@ def run_config(cfg: Config, s: harness.Settings, peaks: dict, chainrule, flush) 
         rows.append(harness.make_row(
             subject="linear", label=f"{cfg.shape} {harness.dtype_name(cfg.dtype)} {cfg.activation} {pass_name}",
             size=float(cfg.m * cfg.n * cfg.k), times=times, check=check, work=flops,
-            unit="GFLOP/s", peak=peak, peak_name=peak_name,
+            unit=harness.flops_unit(s.device), peak=peak, peak_name=peak_name,
             config={"m": cfg.m, "k": cfg.k, "n": cfg.n, "dtype": harness.dtype_name(cfg.dtype),
                     "activation": cfg.activation, "pass": pass_name, "device": str(s.device)},
             extra={"note": cfg.note, "series": f"{harness.dtype_name(cfg.dtype)} {pass_name}"}))

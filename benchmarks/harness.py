@@ -387,18 +387,20 @@ def probe_cuda(device: torch.device, *, quick: bool) -> dict:
     return result
 
 
+def flops_unit(device: torch.device) -> str:
+    return "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
+
+
 def peak_for(peaks: dict, device: torch.device, dtype: torch.dtype, kind: str) -> tuple[Optional[float], str]:
-    """(peak, its name) used by a row: kind "flops" (GFLOP/s) or "bandwidth" (GB/s)."""
+    """(peak, its name) used by a row: kind "flops" (GFLOP/s on CPU, TFLOP/s on CUDA: see
+    flops_unit) or "bandwidth" (GB/s)."""
     if device.type == "cuda":
         cuda = peaks.get("cuda") or {}
         if kind == "bandwidth":
-            value = cuda.get("copy_gbps")
-            return value, "measured device copy GB/s"
+            return cuda.get("copy_gbps"), "measured device copy"
         if dtype in (torch.bfloat16, torch.float16):
-            value = cuda.get("bf16_tflops")
-            return (value * 1e3 if value else None), "measured bf16 GEMM"
-        value = cuda.get("fp32_tflops")
-        return (value * 1e3 if value else None), "measured fp32 GEMM"
+            return cuda.get("bf16_tflops"), "measured bf16 cuBLAS GEMM"
+        return cuda.get("fp32_tflops"), "measured fp32 cuBLAS GEMM"
     cpu = peaks.get("cpu") or {}
     if kind == "bandwidth":
         return cpu.get("rmw_gbps"), "measured Adam-like RMW GB/s"
@@ -429,9 +431,10 @@ def make_row(*, subject: str, label: str, size: float, config: dict, times: Opti
     ours_stats = row["chainrule"]
     row["ratios"] = {}
     row["throughput"] = {}
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
     for name, s in stats.items():
         if work:
-            row["throughput"][name] = work / s["median_s"] / 1e9
+            row["throughput"][name] = work / s["median_s"] / scale
     if ours_stats:
         for name, s in row["baselines"].items():
             row["ratios"][name] = s["median_s"] / ours_stats["median_s"]
@@ -462,17 +465,15 @@ def _time_cell(stats: Optional[dict]) -> str:
 def _rate(rate: Optional[float], unit: str) -> tuple[str, str]:
     if rate is None:
         return "-", unit
-    if unit == "GFLOP/s" and rate >= 1e4:
-        return f"{rate / 1e3:.1f}", "TFLOP/s"
-    return (f"{rate:.1f}" if rate < 1e3 else f"{rate:.0f}"), unit
+    return (f"{rate:.2f}" if rate < 10 else f"{rate:.1f}" if rate < 1e3 else f"{rate:.0f}"), unit
 
 
 TABLE_HEADER = ("shape", "chainrule ms", "baseline", "baseline ms", "ratio", "GFLOP/s or GB/s",
                 "% of peak", "note")
 
 
-def table_lines(rows: Sequence[dict]) -> list[str]:
-    """The aligned table: one line per (configuration, baseline). ratio = baseline time /
+def table_cells(rows: Sequence[dict]) -> list[tuple[str, ...]]:
+    """The table's cells: one line per (configuration, baseline). ratio = baseline time /
     chainrule time (> 1: chainrule is faster); rate and % of peak are chainrule's (the
     baseline's own % of peak in brackets)."""
     body = []
@@ -497,6 +498,12 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
             body.append((row["label"], _time_cell(row["chainrule"]), name, _time_cell(stats),
                          "-" if ratio is None else f"{ratio:.2f}x",
                          f"{rate} {unit}" if rate != "-" else "-", pct_text, "; ".join(notes)))
+    return body
+
+
+def table_lines(rows: Sequence[dict]) -> list[str]:
+    """The aligned plain-text table (see table_cells)."""
+    body = table_cells(rows)
     widths = [max(len(TABLE_HEADER[i]), *(len(r[i]) for r in body)) if body else len(TABLE_HEADER[i])
               for i in range(len(TABLE_HEADER))]
 
@@ -509,13 +516,8 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[dict]) -> list[str]:
-    lines = table_lines(rows)
-    out = ["| " + " | ".join(c.strip() for c in lines[0].split(" | ")) + " |",
-           "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.split(" | ")]
-        cells += [""] * (len(TABLE_HEADER) - len(cells))
-        out.append("| " + " | ".join(cells) + " |")
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
+    out.extend("| " + " | ".join(cells) + " |" for cells in table_cells(rows))
     return out
 
 
@@ -599,9 +601,28 @@ def write_results(settings: Settings, rows: Sequence[dict], *, peaks: Optional[d
     if settings.reason:
         print(settings.reason)
     if rows:
+        print(peaks_line(peaks))
         print("\n".join(table_lines(rows)))
     print(f"wrote {path}")
     return path
+
+
+def peaks_line(peaks: Optional[dict]) -> str:
+    """The measured peaks that the % of peak column uses, in one line."""
+    if not peaks:
+        return "peaks: none measured"
+    parts = []
+    cpu = peaks.get("cpu") or {}
+    if cpu:
+        parts.append(f"CPU fp32 FMA {cpu['fp32_gflops']:.1f} GFLOP/s")
+        if cpu.get("bf16_gflops"):
+            parts.append(f"bf16 {cpu['bf16_gflops']:.1f} GFLOP/s")
+        parts.append(f"RMW bandwidth {cpu['rmw_gbps']:.1f} GB/s ({cpu['threads']} threads)")
+    cuda = peaks.get("cuda") or {}
+    if cuda:
+        parts.append(f"{cuda['name']} bf16 GEMM {cuda['bf16_tflops']:.1f} TFLOP/s, fp32 "
+                     f"{cuda['fp32_tflops']:.1f} TFLOP/s, copy {cuda['copy_gbps']:.0f} GB/s")
+    return f"peaks (measured, {peaks.get('source', 'bench_machine.py')}): " + "; ".join(parts)
 
 
 def _json_default(value):
