@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
-PY := $(VENV)/bin/python
+PY := $(abspath $(VENV))/bin/python
 PIP := $(PY) -m pip
 JOBS ?= $(shell nproc)
 # The CUDA toolkit's root, from nvcc itself (nvcc on PATH may be a wrapper script elsewhere).
@@ -19,8 +19,8 @@ PYTEST_ARGS ?=
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)" numpy scikit-build-core pybind11 ninja cmake \
+	$(PIP) install -qq --upgrade pip
+	$(PIP) install -qq "$(TORCH_SPEC)" numpy scikit-build-core pybind11 ninja cmake \
 		pytest hypothesis expecttest matplotlib tqdm nvidia-cuda-cuobjdump
 	touch $@
 
@@ -28,10 +28,10 @@ venv: $(VENV)/.deps
 
 install: venv
 	@echo "chainrule: building with CUDA_HOME=$(CUDA_HOME)"
-	time $(PIP) install --quiet --no-build-isolation --no-deps .
+	time $(PIP) install -qq --no-build-isolation --no-deps .
 
 test: install
-	cd tests && time ../$(PY) -m pytest -q -ra $(PYTEST_ARGS) .
+	cd tests && time $(PY) -m pytest -q -ra $(PYTEST_ARGS) .
 
 bench: install
 	$(PY) benchmarks/run_all.py --quick

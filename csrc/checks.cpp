@@ -8,10 +8,13 @@ namespace chainrule {
 
 namespace {
 
+// torch's spelling of a dtype: "float32", "bfloat16", ...
+std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
+
 // "a 3-D float32 tensor of shape [2, 3, 4] on cpu"
 std::string describe(const at::Tensor& t) {
   std::ostringstream out;
-  out << "a " << t.dim() << "-D " << c10::toString(t.scalar_type()) << " tensor of shape "
+  out << "a " << t.dim() << "-D " << dtype_name(t.scalar_type()) << " tensor of shape "
       << t.sizes() << " on " << t.device();
   return out.str();
 }
@@ -27,8 +30,8 @@ void check_floating(const char* op, const char* name, const at::Tensor& t) {
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                 const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " and ", ref_name,
-              " must have the same dtype, got ", name, " ", t.scalar_type(), " and ", ref_name, " ",
-              ref.scalar_type());
+              " must have the same dtype, got ", name, " ", dtype_name(t.scalar_type()), " and ",
+              ref_name, " ", dtype_name(ref.scalar_type()));
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " and ", ref_name,
               " must be on the same device, got ", name, " on ", t.device(), " and ", ref_name,
               " on ", ref.device());
@@ -93,7 +96,7 @@ void check_gradient_buffers(const char* op, const at::Tensor& weight,
   TORCH_CHECK(grad_weight.sizes() == weight.sizes(), op, ": grad_weight must have weight's shape ",
               weight.sizes(), ", got ", describe(grad_weight));
   TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type(), op,
-              ": grad_weight must have weight's dtype ", weight.scalar_type(), ", got ",
+              ": grad_weight must have weight's dtype ", dtype_name(weight.scalar_type()), ", got ",
               describe(grad_weight));
   TORCH_CHECK(grad_weight.is_contiguous(), op, ": grad_weight must be contiguous, got strides ",
               grad_weight.strides());
@@ -106,7 +109,7 @@ void check_gradient_buffers(const char* op, const at::Tensor& weight,
                 ": grad_bias must be 1-D of size out_features (", weight.size(0), "), got ",
                 describe(*grad_bias));
     TORCH_CHECK(grad_bias->scalar_type() == weight.scalar_type(), op,
-                ": grad_bias must have weight's dtype ", weight.scalar_type(), ", got ",
+                ": grad_bias must have weight's dtype ", dtype_name(weight.scalar_type()), ", got ",
                 describe(*grad_bias));
     TORCH_CHECK(grad_bias->is_contiguous(), op, ": grad_bias must be contiguous, got strides ",
                 grad_bias->strides());
@@ -155,8 +158,8 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
                   "'s device ", p.device(), ", got ", describe(t));
       TORCH_CHECK(t.is_contiguous(), op, ": ", name, at_i, " must be contiguous, got strides ",
                   t.strides());
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, at_i, " must be ", dtype, " for a ",
-                  p.scalar_type(), " param, got ", describe(t));
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, at_i, " must be ", dtype_name(dtype),
+                  " for a ", dtype_name(p.scalar_type()), " param, got ", describe(t));
     };
     check_state("grads", grads[i], p.scalar_type());
     check_state("exp_avgs", exp_avgs[i], state_type);
@@ -165,7 +168,7 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
     if (master) {
       TORCH_CHECK(p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf, op,
                   ": master_params are kept only for bfloat16/float16 params, got params", at_i,
-                  " of dtype ", p.scalar_type());
+                  " of dtype ", dtype_name(p.scalar_type()));
       check_state("master_params", master_params[i], at::kFloat);
     }
     const at::Tensor& step = state_steps[i];

@@ -29,7 +29,7 @@ pybind11::dict build_info() {
   }
   info["cuda_architectures"] = archs;
   info["cpu_simd"] = "scalar";
-  info["emulator_available"] = static_cast<bool>(CHAINRULE_WITH_EMULATOR);
+  info["emulator_available"] = static_cast<bool>(CHAINRULE_EMULATOR_HOOKS);
   return info;
 }
 
@@ -71,9 +71,9 @@ PYBIND11_MODULE(_C, m) {
     chainrule::emu::set_schedule(schedule, seed);
   });
   m.def("_emu_get_schedule", [] {
-    auto [schedule, seed] = chainrule::emu::get_schedule();
     const char* names[] = {"forward", "reverse", "random"};
-    return pybind11::make_tuple(names[static_cast<int>(schedule)], seed);
+    return pybind11::make_tuple(names[static_cast<int>(chainrule::emu::schedule())],
+                                chainrule::emu::schedule_seed());
   });
 #endif
 }

@@ -16,6 +16,7 @@ SCHEDULES = ("forward", "reverse", "random")
 
 
 def emulator_available() -> bool:
+    """Whether this chainrule was built with the CUDA emulator (it needs CUDA's headers)."""
     return bool(_C.build_info()["emulator_available"])
 
 

@@ -183,10 +183,14 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """
     act = activation_op_name(activation)
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
-        # What autocast does for F.linear: compute in the autocast dtype.
-        dtype = torch.get_autocast_dtype(input.device.type)
+        # What autocast does for F.linear: compute in the autocast dtype. The op itself then runs
+        # with autocast off, so nothing inside it is cast again.
+        device_type = input.device.type
+        dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
     if accumulate_grad and torch.compiler.is_compiling():
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
     if accumulate_grad:

@@ -1,0 +1,81 @@
+"""One test suite, every backend.
+
+The `backend` fixture runs a test on each place chainrule's kernels run:
+  cpu                      the CPU kernels
+  emulated_cuda-<order>    the CUDA kernel source under the CUDA emulator, with the block's threads
+                           scheduled in forward, reverse and seeded random order
+  cuda                     the CUDA kernels on a GPU (skipped, with the reason, where there is none)
+A backend that is missing is skipped with the reason, never silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import chainrule
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+EMULATOR_ORDERS = ("forward", "reverse", "random")
+BACKEND_NAMES = ["cpu"] + [f"emulated_cuda-{order}" for order in EMULATOR_ORDERS] + ["cuda"]
+
+
+@contextlib.contextmanager
+def running_on(name: str):
+    """Enters backend `name` for the duration of the block; skips the test if it is missing."""
+    if name == "cpu":
+        yield Backend(name, "cpu")
+    elif name.startswith("emulated_cuda"):
+        if not chainrule.backends.emulator_available():
+            pytest.skip("chainrule was built without the CUDA emulator (no CUDA headers found)")
+        order = name.split("-", 1)[1]
+        with chainrule.backends.emulated_cuda(schedule=order, seed=1234):
+            yield Backend(name, "cpu")
+    elif name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device on this machine")
+        if not chainrule.build_info()["cuda_compiled"]:
+            pytest.skip("chainrule was built without its CUDA kernels")
+        yield Backend(name, "cuda")
+    else:
+        raise ValueError(name)
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    with running_on(request.param) as b:
+        yield b
+
+
+@pytest.fixture(params=["cpu", "emulated_cuda-forward", "cuda"])
+def backend_one_order(request):
+    """For the most expensive tests: each backend once, the emulator in forward order only."""
+    with running_on(request.param) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    info = chainrule.build_info()
+    return [f"chainrule {info['version']} built against torch {info['torch_version']}; "
+            f"cuda compiled: {info['cuda_compiled']} {info['cuda_architectures']}; "
+            f"cpu simd: {info['cpu_simd']}; emulator: {info['emulator_available']}; "
+            f"torch threads: {torch.get_num_threads()}; "
+            f"CHAINRULE_CPU_ISA={os.environ.get('CHAINRULE_CPU_ISA', '')}"]
