@@ -46,6 +46,14 @@ def shapes_for(s: harness.Settings) -> list[tuple[int, int]]:
     return sorted(set(out))
 
 
+def count(n: int) -> str:
+    """16000000 -> '16M', 100000 -> '100k'."""
+    for scale, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= scale and n % (scale // 10) == 0:
+            return f"{n / scale:g}{suffix}"
+    return str(n)
+
+
 def split(params: int, tensors: int) -> list[int]:
     """Tensor sizes that sum to params, uneven (as a model's are): a repeating 1:2:3 pattern."""
     weights = [1 + i % 3 for i in range(tensors)]
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
     p = harness.parser(__doc__, shapes_help="comma-separated PARAMSxTENSORS, e.g. 16e6x50",
                        default_dtypes="float32,bfloat16")
     args = p.parse_args(argv)
-    s = harness.settings("adam", args, repeats=(1, 7, 11), warmup=(0, 2, 3))
+    s = harness.settings("adam", args, repeats=(1, 5, 11), warmup=(0, 1, 3))
     rows, peaks = [], None
     if s.available:
         chainrule = harness.import_chainrule()
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
                                         repeats=s.repeats, warmup=s.warmup, device=s.device)
             peak, peak_name = harness.peak_for(peaks, s.device, dtype, "bandwidth")
             bytes_per_param = BYTES_PER_PARAM[dtype]
-            label = f"{params:.0e} params / {tensors} tensors {harness.dtype_name(dtype)}"
+            label = f"{count(params)} params / {tensors} tensors {harness.dtype_name(dtype)}"
             if dtype == torch.bfloat16:
                 label += " master"
             rows.append(harness.make_row(

@@ -3,8 +3,9 @@
 the fused linear forward and forward+backward against F.linear (cuBLAS) and
 torch._addmm_activation (cuBLASLt epilogue).
 
-The chainrule side is the raw GEMM of chainrule._C when the extension exposes one, else the
-linear forward op with no bias and no activation (Y = X @ W^T, the forward layout). Baselines:
+The chainrule side is the raw CPU GEMM chainrule._C._cpu_gemm(X, B) when the extension exposes
+it (fp32/bf16 with the active ISA), else the linear forward op with no bias and no activation
+(Y = X @ W^T, the forward layout; always so on CUDA). Which one ran is in each row's config. Baselines:
 "mm" = torch.mm(X, W.t()) (the same layout), "matmul" = X @ B with B (K, N) row-major (the plain
 product). The cache is flushed before every timed call. Shapes are M x K x N; 2 M N K flops per
 call; "% of peak" is against the FMA peak (CPU) or the bf16/fp32 cuBLAS GEMM (CUDA) measured by
@@ -24,19 +25,23 @@ import torch  # noqa: E402
 import bench_linear  # noqa: E402
 import harness  # noqa: E402
 
-RAW_GEMM_NAMES = ("gemm", "cpu_gemm", "_gemm")  # what the cpu-gemm work may expose in _C
+RAW_GEMM = "_cpu_gemm"  # chainrule._C._cpu_gemm(A, B) = A @ B, row-major, on the CPU GEMM
 
 
-def chainrule_gemm(chainrule):
-    """(function computing X @ W^T, description)."""
-    for name in RAW_GEMM_NAMES:
-        fn = getattr(chainrule._C, name, None)
-        if callable(fn):
-            return (lambda x, w: fn(x, w)), f"chainrule._C.{name}"
+def chainrule_gemm(chainrule, device, dtype):
+    """(function of (X (M, K), W (N, K), B = W^T as (K, N) row-major) computing X W^T, description):
+    the raw CPU GEMM when _C exposes it for this dtype, else the linear forward op."""
+    raw = getattr(chainrule._C, RAW_GEMM, None)
+    if raw is not None and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        try:
+            raw(torch.ones(2, 3, dtype=dtype), torch.ones(3, 2, dtype=dtype))
+            return (lambda x, w, b: raw(x, b)), f"chainrule._C.{RAW_GEMM} (X @ B)"
+        except RuntimeError:
+            pass  # no kernel for this dtype with the active ISA
 
-    def forward(x, w):
+    def forward(x, w, b):
         return chainrule.ops.linear_forward(x, w, None, "none", False)[0]
-    return forward, "chainrule linear_forward (no bias, no activation)"
+    return forward, "chainrule linear_forward (X @ W^T, no bias, no activation)"
 
 
 def shapes_for(s: harness.Settings) -> list[tuple[int, int, int]]:
@@ -54,7 +59,6 @@ def shapes_for(s: harness.Settings) -> list[tuple[int, int, int]]:
 
 
 def gemm_rows(s: harness.Settings, peaks: dict, chainrule) -> list[dict]:
-    ours, how = chainrule_gemm(chainrule)
     flush = harness.CacheFlusher(s.device) if s.mode != "smoke" else None
     rows = []
     configs = [(shape, dtype) for dtype in s.dtypes for shape in shapes_for(s)]
@@ -63,12 +67,13 @@ def gemm_rows(s: harness.Settings, peaks: dict, chainrule) -> list[dict]:
         x = torch.randn(m, k, device=s.device, dtype=dtype)
         w = torch.randn(n, k, device=s.device, dtype=dtype)
         b = w.t().contiguous()  # (K, N) row-major for the plain product
+        ours, how = chainrule_gemm(chainrule, s.device, dtype)
         with torch.no_grad():
-            check = harness.check_close([ours(x, w)], [torch.mm(x, w.t())], dtype, names=("Y",))
+            check = harness.check_close([ours(x, w, b)], [torch.mm(x, w.t())], dtype, names=("Y",))
         contenders = [harness.Contender("mm", lambda _: torch.mm(x, w.t())),
                       harness.Contender("matmul", lambda _: x @ b)]
         if check.ok:
-            contenders.insert(0, harness.Contender("chainrule", lambda _: ours(x, w)))
+            contenders.insert(0, harness.Contender("chainrule", lambda _: ours(x, w, b)))
         with torch.no_grad():
             times = harness.measure(contenders, repeats=s.repeats, warmup=s.warmup,
                                     device=s.device, flush=flush)
