@@ -154,8 +154,10 @@ def main(argv=None) -> int:
                 raise SystemExit("bench_adam: --dtype float32 and/or bfloat16")
             contenders, check, keep = build(sizes, s.device, chainrule, s)
             with torch.no_grad():
+                cpu_times: dict = {}
                 times = harness.measure(contenders if check.ok else contenders[1:],
-                                        repeats=s.repeats, warmup=s.warmup, device=s.device)
+                                        repeats=s.repeats, warmup=s.warmup, device=s.device,
+                                        cpu_times=cpu_times)
             peak, peak_name = harness.peak_for(peaks, s.device, dtype, "bandwidth")
             bytes_per_param = BYTES_PER_PARAM[dtype]
             label = f"{count(params)} params / {tensors} tensors {harness.dtype_name(dtype)}"
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
             rows.append(harness.make_row(
                 subject="adam", label=label, size=float(params), times=times, check=check,
                 work=float(bytes_per_param * params), unit="GB/s", peak=peak, peak_name=peak_name,
+                cpu_times=cpu_times, threads=s.threads,
                 config={"params": params, "tensors": tensors, "dtype": harness.dtype_name(dtype),
                         "master_weights": dtype == torch.bfloat16, "device": str(s.device),
                         "bytes_per_param": bytes_per_param},

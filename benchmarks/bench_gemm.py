@@ -75,13 +75,15 @@ def gemm_rows(s: harness.Settings, peaks: dict, chainrule) -> list[dict]:
         if check.ok:
             contenders.insert(0, harness.Contender("chainrule", lambda _: ours(x, w, b)))
         with torch.no_grad():
+            cpu_times: dict = {}
             times = harness.measure(contenders, repeats=s.repeats, warmup=s.warmup,
-                                    device=s.device, flush=flush)
+                                    device=s.device, flush=flush, cpu_times=cpu_times)
         peak, peak_name = harness.peak_for(peaks, s.device, dtype, "flops")
         rows.append(harness.make_row(
             subject="gemm", label=f"{m}x{k}x{n} {harness.dtype_name(dtype)} gemm",
             size=float(m * n * k), times=times, check=check, work=2.0 * m * n * k,
             unit=harness.flops_unit(s.device), peak=peak, peak_name=peak_name,
+            cpu_times=cpu_times, threads=s.threads,
             config={"m": m, "k": k, "n": n, "dtype": harness.dtype_name(dtype),
                     "device": str(s.device), "chainrule_gemm": how},
             extra={"series": f"{harness.dtype_name(dtype)} gemm",

@@ -211,13 +211,15 @@ def run_config(cfg: Config, s: harness.Settings, peaks: dict, chainrule, flush) 
             if name == "addmm_act" and pass_name != "fwd":
                 continue  # torch._addmm_activation has no derivative
             contenders.append(side.contender(name, pass_name))
+        cpu_times: dict = {}
         times = harness.measure(contenders, repeats=s.repeats, warmup=max(s.warmup, 1 if "compile" in sides else 0),
-                                device=s.device, flush=flush)
+                                device=s.device, flush=flush, cpu_times=cpu_times)
         flops = FLOPS_PER_MNK[pass_name] * cfg.m * cfg.n * cfg.k
         rows.append(harness.make_row(
             subject="linear", label=f"{cfg.shape} {harness.dtype_name(cfg.dtype)} {cfg.activation} {pass_name}",
             size=float(cfg.m * cfg.n * cfg.k), times=times, check=check, work=flops,
             unit=harness.flops_unit(s.device), peak=peak, peak_name=peak_name,
+            cpu_times=cpu_times, threads=s.threads,
             config={"m": cfg.m, "k": cfg.k, "n": cfg.n, "dtype": harness.dtype_name(cfg.dtype),
                     "activation": cfg.activation, "pass": pass_name, "device": str(s.device)},
             extra={"note": cfg.note, "series": f"{harness.dtype_name(cfg.dtype)} {pass_name}"}))

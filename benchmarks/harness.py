@@ -214,9 +214,11 @@ def cpu_cache_bytes() -> int:
 
 
 def measure(contenders: Sequence[Contender], *, repeats: int, warmup: int, device: torch.device,
-            flush: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+            flush: Optional[Callable[[], None]] = None,
+            cpu_times: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
     """Seconds per call of each contender: warm-up, then `repeats` interleaved rounds whose order
-    alternates (A B C, C B A, ...). Returns every raw time, in the order taken."""
+    alternates (A B C, C B A, ...). Returns every raw wall-clock time, in the order taken; when
+    cpu_times is given (CPU only) it receives the process CPU seconds of every call too."""
     for _ in range(warmup):
         for c in contenders:
             c.run(c.prepare() if c.prepare else None)
@@ -228,11 +230,15 @@ def measure(contenders: Sequence[Contender], *, repeats: int, warmup: int, devic
             state = c.prepare() if c.prepare else None
             if flush is not None:
                 flush()
-            times[c.name].append(_time_one(c.run, state, device))
+            wall, cpu = _time_one(c.run, state, device)
+            times[c.name].append(wall)
+            if cpu_times is not None and cpu is not None:
+                cpu_times.setdefault(c.name, []).append(cpu)
     return times
 
 
-def _time_one(run: Callable[[Any], Any], state: Any, device: torch.device) -> float:
+def _time_one(run: Callable[[Any], Any], state: Any,
+              device: torch.device) -> tuple[float, Optional[float]]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -240,10 +246,10 @@ def _time_one(run: Callable[[Any], Any], state: Any, device: torch.device) -> fl
         run(state)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_time = time.perf_counter()
+        return start.elapsed_time(end) / 1e3, None
+    start_cpu, start_time = time.process_time(), time.perf_counter()
     run(state)
-    return time.perf_counter() - start_time
+    return time.perf_counter() - start_time, time.process_time() - start_cpu
 
 
 def summarize(seconds: Sequence[float]) -> dict:
@@ -415,7 +421,8 @@ def peak_for(peaks: dict, device: torch.device, dtype: torch.dtype, kind: str) -
 
 def make_row(*, subject: str, label: str, size: float, config: dict, times: Optional[dict],
              check: Optional[Check], work: Optional[float], unit: str, peak: Optional[float],
-             peak_name: str = "", ours: str = "chainrule", extra: Optional[dict] = None) -> dict:
+             peak_name: str = "", ours: str = "chainrule", extra: Optional[dict] = None,
+             cpu_times: Optional[dict] = None, threads: Optional[int] = None) -> dict:
     """One configuration's result. times: raw seconds per contender name (ours first); work:
     flops or bytes per call; unit "GFLOP/s" or "GB/s" (TFLOP/s rows are scaled on output).
     A failed check drops chainrule's times: a wrong result gets no time."""
@@ -442,6 +449,20 @@ def make_row(*, subject: str, label: str, size: float, config: dict, times: Opti
     row["pct_peak"] = 100.0 * ours_rate / peak if (ours_rate and peak) else None
     row["baseline_pct_peak"] = {name: 100.0 * rate / peak for name, rate in row["throughput"].items()
                                 if name != ours and peak}
+    # Per CPU-second: work / process CPU seconds against the per-thread share of the peak. On a
+    # machine shared with other work this is the kernel's efficiency while it had the cores (a
+    # thread spinning at a barrier counts as busy, so it never flatters); alone it equals the
+    # wall-clock figure for a kernel that keeps every thread busy.
+    row["cpu_time"], row["pct_peak_per_cpu_second"] = {}, {}
+    for name, t in (cpu_times or {}).items():
+        if name not in stats or not t:
+            continue
+        row["cpu_time"][name] = summarize(t)
+        if work and peak and threads and unit == "GFLOP/s":  # flops: bandwidth is not per-core
+            cpu_median = row["cpu_time"][name]["median_s"]
+            if cpu_median > 0:
+                row["pct_peak_per_cpu_second"][name] = \
+                    100.0 * (work / cpu_median / 1e9) / (peak / threads)
     if extra:
         row.update(extra)
     return row
@@ -484,6 +505,9 @@ def table_cells(rows: Sequence[dict]) -> list[tuple[str, ...]]:
             pct = row["pct_peak"]
             base_pct = row["baseline_pct_peak"].get(name)
             pct_text = "-" if pct is None else f"{pct:.0f}%"
+            per_cpu = row.get("pct_peak_per_cpu_second", {}).get("chainrule")
+            if per_cpu is not None and pct is not None:
+                pct_text += f" ({per_cpu:.0f}%/cpu-s)"
             if base_pct is not None:
                 pct_text += f" [{base_pct:.0f}%]"
             notes = []

@@ -33,6 +33,67 @@ TITLES = {"machine": "Machine probe", "linear": "Fused linear layer (chainrule.n
           "e2e": "Training step, end to end"}
 
 
+# The CPU targets of the project (issue 6), read off the rows: (subject, row label, baseline,
+# what is compared, threshold). "ratio": baseline time / chainrule time; "pct_peak": chainrule's
+# % of the measured peak; "rate": reported only.
+TARGETS = (
+    ("linear", "4096x1024x4096 fp32 gelu fwd+bwd", "eager", "ratio", 2.0),
+    ("linear", "4096x1024x4096 fp32 gelu fwd+bwd", "compile", "ratio", 1.8),
+    ("linear", "512x768x3072 fp32 gelu fwd+bwd", "eager", "ratio", 1.8),
+    ("linear", "64x1024x1024 fp32 gelu fwd+bwd", "eager", "ratio", 1.4),
+    ("gemm", "2048x2048x2048 fp32 gemm", None, "pct_peak", 75.0),
+    ("linear", "4096x1024x4096 bf16 gelu fwd+bwd", "eager", "ratio", 1.1),
+    ("adam", "16M params / 50 tensors fp32", "fused", "ratio", 1.1),
+    ("adam", "16M params / 50 tensors bf16 master", "fused+copy", "rate", None),
+)
+
+
+def target_lines(subjects: dict[str, list[dict]]) -> list[str]:
+    """One line per target: the measured figure, the threshold and whether it holds."""
+    rows = {(d["subject"], r["label"]): r for data in subjects.values() for d in data
+            for r in d["rows"] if r["config"].get("device", "cpu") == "cpu"}
+    lines = []
+    for subject, label, baseline, kind, threshold in TARGETS:
+        row = rows.get((subject, label))
+        what = f"{label}" + (f" vs {baseline}" if baseline and kind == "ratio" else "")
+        if row is None:
+            lines.append((what, "not measured", "", ""))
+            continue
+        if row["status"] == "WRONG":
+            lines.append((what, "WRONG result", "", "no"))
+            continue
+        if kind == "ratio":
+            value = row["ratios"].get(baseline)
+            text = "-" if value is None else f"{value:.2f}x"
+            need = f">= {threshold:.1f}x"
+        elif kind == "pct_peak":
+            value = row["pct_peak"]
+            rate = row["throughput"].get("chainrule")
+            per_cpu = row.get("pct_peak_per_cpu_second", {}).get("chainrule")
+            text = "-" if value is None else f"{value:.0f}% ({rate:.0f} of {row['peak']:.0f} {row['unit']})"
+            if value is not None and per_cpu is not None:
+                text += f"; {per_cpu:.0f}% per CPU-second"
+            need = f">= {threshold:.0f}%"
+        else:
+            value = row["throughput"].get("chainrule")
+            text = "-" if value is None else f"{value:.1f} {row['unit']}"
+            need = "report"
+        noisy = (row["chainrule"] or {}).get("noisy") or (row["baselines"].get(baseline) or {}).get("noisy")
+        verdict = "-" if threshold is None or value is None else ("yes" if value >= threshold else "no")
+        lines.append((what, text + (" (noisy)" if noisy else ""), need, verdict))
+    return lines
+
+
+def print_targets(lines) -> None:
+    if not lines:
+        return
+    header = ("target", "measured", "needed", "holds")
+    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) for i in range(4)]
+    print("\nCPU targets (issue 6):")
+    for cells in [header, tuple("-" * w for w in widths), *lines]:
+        print(" | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+
+
 def run_script(script: str, args: list[str]) -> float:
     """Runs one benchmark script in its own process, streaming its output; returns seconds."""
     start = time.perf_counter()
@@ -170,6 +231,14 @@ def report(out: Path, machine: dict, subjects: dict[str, list[dict]], plots: dic
                 lines.append("")
         if subject in plots:
             lines += [f"![{subject}](plots/{plots[subject].name})", ""]
+    targets = target_lines(subjects)
+    if targets:
+        lines += ["## CPU targets", "",
+                  "Read off the rows above (ratio = baseline time / chainrule time, median of "
+                  "interleaved repeats).", "", "| target | measured | needed | holds |",
+                  "|---|---|---|---|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in targets]
+        lines.append("")
     total = sum(v for v in seconds.values() if v)
     lines += [f"Total wall time: {total:.0f} s.", ""]
     path = out / "report.md"
@@ -226,6 +295,8 @@ def main(argv=None) -> int:
             plots[subject] = plot_subject(data, out / "plots" / f"{subject}.png")
     machine = json.loads(machine_json.read_text())
     path = report(out, machine, subjects, plots, seconds, mode_name)
+    if mode_name != "smoke":
+        print_targets(target_lines(subjects))
     total = time.perf_counter() - start
     print(f"\nreport: {path}")
     for subject, plot in plots.items():
