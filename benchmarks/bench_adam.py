@@ -170,8 +170,8 @@ def main(argv=None) -> int:
                 config={"params": params, "tensors": tensors, "dtype": harness.dtype_name(dtype),
                         "master_weights": dtype == torch.bfloat16, "device": str(s.device),
                         "bytes_per_param": bytes_per_param},
-                extra={"series": f"{harness.dtype_name(dtype)} {tensors} tensors"
-                       if s.mode == "full" else harness.dtype_name(dtype),
+                extra={"series": f"{harness.dtype_name(dtype)}"
+                                 f"{' master' if dtype == torch.bfloat16 else ''} {tensors} tensors",
                        "note": "target" if (params, tensors) == TARGET else ""}))
             del contenders, keep
             gc.collect()

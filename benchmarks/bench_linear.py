@@ -222,7 +222,8 @@ def run_config(cfg: Config, s: harness.Settings, peaks: dict, chainrule, flush) 
             cpu_times=cpu_times, threads=s.threads,
             config={"m": cfg.m, "k": cfg.k, "n": cfg.n, "dtype": harness.dtype_name(cfg.dtype),
                     "activation": cfg.activation, "pass": pass_name, "device": str(s.device)},
-            extra={"note": cfg.note, "series": f"{harness.dtype_name(cfg.dtype)} {pass_name}"}))
+            extra={"note": cfg.note,
+                   "series": f"{harness.dtype_name(cfg.dtype)} {cfg.activation} {pass_name}"}))
     memory = None
     if cfg.memory and check.ok:
         memory = {"shape": cfg.shape, "dtype": harness.dtype_name(cfg.dtype),
