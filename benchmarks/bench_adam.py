@@ -148,11 +148,19 @@ def main(argv=None) -> int:
                     continue
                 configs.append((params, tensors, dtype))
         for params, tensors, dtype in harness.progress(configs, s, "adam"):
-            sizes = split(params, tensors)
-            build = fp32_config if dtype == torch.float32 else bf16_master_config
             if dtype not in (torch.float32, torch.bfloat16):
                 raise SystemExit("bench_adam: --dtype float32 and/or bfloat16")
-            contenders, check, keep = build(sizes, s.device, chainrule, s)
+            sizes = split(params, tensors)
+            build = fp32_config if dtype == torch.float32 else bf16_master_config
+            built = []
+
+            def build_and_check():
+                built.append(build(sizes, s.device, chainrule, s))
+                return built[0][1]
+
+            check = harness.guarded(build_and_check)
+            # chainrule raising while the configuration is built leaves nothing to time
+            contenders, keep = (built[0][0], built[0][2]) if built else ([], None)
             with torch.no_grad():
                 cpu_times: dict = {}
                 times = harness.measure(contenders if check.ok else contenders[1:],

@@ -267,10 +267,21 @@ class Check:
     max_error: float  # worst max|ours - theirs| / max|theirs| over the compared tensors
     tolerance: float
     detail: str = ""
+    error: Optional[str] = None  # chainrule raised instead of returning a result
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "max_relative_error": self.max_error, "tolerance": self.tolerance,
-                "detail": self.detail}
+                "detail": self.detail, "error": self.error}
+
+
+def guarded(check: Callable[[], Check]) -> Check:
+    """Runs a check; chainrule raising (a kernel missing for this device or dtype, ...) becomes a
+    failed check, so the row is reported without a chainrule time instead of ending the run."""
+    try:
+        return check()
+    except Exception as error:  # noqa: BLE001  (reported in the row)
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return Check(False, math.inf, 0.0, "", error=message[:200])
 
 
 def check_close(ours: Iterable[Optional[torch.Tensor]], theirs: Iterable[Optional[torch.Tensor]],
@@ -351,17 +362,19 @@ def load_peaks(settings: Settings) -> dict:
     machine with the same thread count, else measured now (quick probe)."""
     path = settings.args.machine or (RESULTS_DIR / "machine.json")
     here = machine_identity(settings.threads)
+    peaks = None
     if path.exists():
         try:
             data = json.loads(path.read_text())
             if data.get("identity") == here and data.get("peaks"):
                 peaks = dict(data["peaks"])
                 peaks["source"] = str(path)
-                return peaks
         except (OSError, ValueError):
             pass
-    peaks = {"cpu": probe_cpu(settings.threads, quick=True), "source": "measured now (quick probe)"}
-    if settings.device.type == "cuda" and settings.available:
+    if peaks is None:
+        peaks = {"cpu": probe_cpu(settings.threads, quick=True),
+                 "source": "measured now (quick probe)"}
+    if settings.device.type == "cuda" and settings.available and not peaks.get("cuda"):
         peaks["cuda"] = probe_cuda(settings.device, quick=True)
     return peaks
 
@@ -511,7 +524,9 @@ def table_cells(rows: Sequence[dict]) -> list[tuple[str, ...]]:
             if base_pct is not None:
                 pct_text += f" [{base_pct:.0f}%]"
             notes = []
-            if row["status"] == "WRONG":
+            if row["status"] == "WRONG" and row["check"].get("error"):
+                notes.append(f"ERROR {row['check']['error']}: no time reported")
+            elif row["status"] == "WRONG":
                 notes.append(f"WRONG result (err {row['check']['max_relative_error']:.1e} > "
                              f"{row['check']['tolerance']:.0e}): no time reported")
             if (row["chainrule"] or {}).get("noisy") or (stats or {}).get("noisy"):

@@ -162,3 +162,14 @@ def test_right_result_ratio_and_peak():
     assert row["ratios"]["torch"] == pytest.approx(2.0)
     assert row["throughput"]["chainrule"] == pytest.approx(5.0)
     assert row["pct_peak"] == pytest.approx(50.0)
+
+
+def test_chainrule_raising_is_a_failed_check():
+    def raises():
+        raise NotImplementedError("no CUDA kernel for this dtype\nsecond line")
+    check = harness.guarded(raises)
+    assert not check.ok and check.error == "NotImplementedError: no CUDA kernel for this dtype"
+    row = harness.make_row(subject="x", label="x", size=1.0, times={"torch": [1.0]}, check=check,
+                           work=None, unit="GB/s", peak=None, config={})
+    assert row["chainrule"] is None and row["baselines"]["torch"]["median_s"] == 1.0
+    assert "ERROR NotImplementedError" in "\n".join(harness.table_lines([row]))
