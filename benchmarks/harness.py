@@ -455,9 +455,11 @@ def make_row(*, subject: str, label: str, size: float, config: dict, times: Opti
     for name, s in stats.items():
         if work:
             row["throughput"][name] = work / s["median_s"] / scale
+    row["ratios_of_min"] = {}  # the fastest repeats' ratio: steadier on a crowded machine
     if ours_stats:
         for name, s in row["baselines"].items():
             row["ratios"][name] = s["median_s"] / ours_stats["median_s"]
+            row["ratios_of_min"][name] = s["min_s"] / ours_stats["min_s"]
     ours_rate = row["throughput"].get(ours)
     row["pct_peak"] = 100.0 * ours_rate / peak if (ours_rate and peak) else None
     row["baseline_pct_peak"] = {name: 100.0 * rate / peak for name, rate in row["throughput"].items()
