@@ -64,7 +64,10 @@ def target_lines(subjects: dict[str, list[dict]]) -> list[str]:
             continue
         if kind == "ratio":
             value = row["ratios"].get(baseline)
+            fastest = row.get("ratios_of_min", {}).get(baseline)
             text = "-" if value is None else f"{value:.2f}x"
+            if fastest is not None:
+                text += f" (fastest repeats {fastest:.2f}x)"
             need = f">= {threshold:.1f}x"
         elif kind == "pct_peak":
             value = row["pct_peak"]
