@@ -111,8 +111,9 @@ def run_script(script: str, args: list[str]) -> float:
 # ---- plots --------------------------------------------------------------------------------------
 
 def plot_subject(data: list[dict], path: Path) -> Path:
-    """Two panels: ratio (baseline time / chainrule time) vs size, and chainrule's % of peak vs
-    size, one line per series (dtype and pass) and baseline."""
+    """Two panels: ratio (baseline time / chainrule time) vs size, and % of the measured peak vs
+    size. One colour per series (dtype, activation, pass); line style per baseline in the ratio
+    panel; in the peak panel chainrule is solid and each baseline dotted in the same colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -122,41 +123,51 @@ def plot_subject(data: list[dict], path: Path) -> Path:
     has_peak = any(r.get("pct_peak") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_peak else 1, figsize=(11 if has_peak else 6, 4), dpi=80,
                              squeeze=False)
-    ax_ratio = axes[0][0]
-    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    peak_series: dict[str, list[tuple[float, float]]] = {}
+    ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    peaks: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in rows:
         device = r["config"].get("device", "cpu")
-        base_name = f"{r.get('series', '')} {device}".strip()
+        name = f"{r.get('series', '')}{' ' + device if device != 'cpu' else ''}".strip()
         for baseline, ratio in r["ratios"].items():
-            series.setdefault((base_name, baseline), []).append((r["size"], ratio))
+            ratios.setdefault((name, baseline), []).append((r["size"], ratio))
         if r.get("pct_peak") is not None:
-            peak_series.setdefault(f"chainrule {base_name}", []).append((r["size"], r["pct_peak"]))
+            peaks.setdefault((name, "chainrule"), []).append((r["size"], r["pct_peak"]))
             for baseline, pct in r["baseline_pct_peak"].items():
-                peak_series.setdefault(f"{baseline} {base_name}", []).append((r["size"], pct))
-    for (name, baseline), points in sorted(series.items()):
+                peaks.setdefault((name, baseline), []).append((r["size"], pct))
+    names = sorted({n for n, _ in ratios} | {n for n, _ in peaks})
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    baselines = list(dict.fromkeys(b for _, b in ratios))  # first seen (eager, mm, ...) is solid
+    styles = ["-", "--", ":", "-."]
+    style = {b: styles[i % len(styles)] for i, b in enumerate(baselines)}
+
+    ax = axes[0][0]
+    for (name, baseline), points in sorted(ratios.items()):
         points.sort()
-        ax_ratio.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                      label=f"vs {baseline}, {name}")
-    ax_ratio.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax_ratio.set_xscale("log")
-    ax_ratio.set_xlabel(size_label(subject))
-    ax_ratio.set_ylabel("speed-up (baseline time / chainrule time)")
-    ax_ratio.set_title(f"{subject}: ratio vs size")
-    if series:
-        ax_ratio.legend(fontsize=6, loc="best")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4,
+                color=colour[name], linestyle=style[baseline], label=f"{name} vs {baseline}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(size_label(subject))
+    ax.set_ylabel("baseline time / chainrule time")
+    ax.set_title(f"{subject}: speed-up vs size (above 1: chainrule faster)", fontsize=10)
+    if ratios:
+        ax.legend(fontsize=6, loc="best")
     if has_peak:
-        ax_peak = axes[0][1]
-        for name, points in sorted(peak_series.items()):
+        ax = axes[0][1]
+        for (name, who), points in sorted(peaks.items()):
             points.sort()
-            ax_peak.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                         linestyle="-" if name.startswith("chainrule") else ":", label=name)
-        ax_peak.set_xscale("log")
-        ax_peak.set_ylim(bottom=0)
-        ax_peak.set_xlabel(size_label(subject))
-        ax_peak.set_ylabel("% of measured peak")
-        ax_peak.set_title(f"{subject}: % of peak vs size")
-        ax_peak.legend(fontsize=6, loc="best")
+            ours = who == "chainrule"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if ours else ".",
+                    markersize=4, color=colour[name], linestyle="-" if ours else ":",
+                    alpha=1.0 if ours else 0.6, label=name if ours else None)
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(size_label(subject))
+        ax.set_ylabel("% of the measured peak")
+        ax.set_title(f"{subject}: % of peak vs size (solid chainrule, dotted baselines)",
+                     fontsize=10)
+        ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
