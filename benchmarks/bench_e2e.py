@@ -123,7 +123,7 @@ def trainer(model, optimizer, x, target):
 def main(argv=None) -> int:
     p = harness.parser(__doc__, shapes_help="mlp:B and/or gpt:BxT, e.g. mlp:256,gpt:8x128")
     args = p.parse_args(argv)
-    s = harness.settings("e2e", args, repeats=(1, 5, 9), warmup=(0, 1, 2))
+    s = harness.settings("e2e", args, repeats=(1, 3, 9), warmup=(0, 1, 2))
     rows, peaks = [], None
     if s.available:
         chainrule = harness.import_chainrule()

@@ -16,7 +16,7 @@ gradient accumulation), chainrule with and without accumulate_grad=True, and eag
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 

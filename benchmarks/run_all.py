@@ -15,9 +15,7 @@ vs size), and prints every table on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 import time
