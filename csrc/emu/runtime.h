@@ -39,6 +39,41 @@ inline constinit thread_local dim3 blockDim{};
 inline constinit thread_local dim3 gridDim{};
 inline constexpr int warpSize = 32;
 
+// ThreadSanitizer mode (build with -fsanitize=thread): every CUDA thread is a TSan fiber, fibers
+// switch without implying any ordering, and only barriers (__syncthreads*, __syncwarp) and the
+// start and end of a block order one thread's memory accesses before another's. A missing
+// __syncthreads is then reported as a data race at the two lines involved, in every schedule.
+// The emulator's own bookkeeping runs with TSan's access checks turned off.
+#if defined(__SANITIZE_THREAD__)
+#define CHAINRULE_EMU_TSAN 1
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* address);
+void __tsan_release(void* address);
+void __tsan_ignore_thread_begin(void);
+void __tsan_ignore_thread_end(void);
+void __tsan_read_range(void* address, unsigned long size);
+void __tsan_set_fiber_name(void* fiber, const char* name);
+}
+#else
+#define CHAINRULE_EMU_TSAN 0
+#endif
+
+// AddressSanitizer (-fsanitize=address): fiber switches are announced, so ASan knows which stack is
+// live (exceptions thrown in a kernel, stack reports), and the unused part of the dynamic shared
+// memory buffer is poisoned, so a kernel that reads or writes past its dynamic_smem_bytes, or out
+// of bounds of a tensor, is reported at the kernel's line.
+#if defined(__SANITIZE_ADDRESS__)
+#define CHAINRULE_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define CHAINRULE_EMU_ASAN 0
+#endif
+
 namespace chainrule::emu {
 
 // Everything the emulator detects (deadlock, mask mismatch, misalignment, bad launch) is an Error.
@@ -103,6 +138,30 @@ inline ScheduleSetting& schedule_setting() {
 }
 
 inline std::atomic<uint64_t> g_launch_count{0};
+
+// The emulator's own state is touched by every fiber of a block and by its scheduler; under TSan
+// those accesses are not the kernel's and are not checked.
+struct InternalAccess {
+#if CHAINRULE_EMU_TSAN
+  InternalAccess() { __tsan_ignore_thread_begin(); }
+  ~InternalAccess() { __tsan_ignore_thread_end(); }
+#else
+  InternalAccess() {}
+#endif
+  InternalAccess(const InternalAccess&) = delete;
+  InternalAccess& operator=(const InternalAccess&) = delete;
+};
+
+inline void sync_release([[maybe_unused]] const void* token) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_release(const_cast<void*>(token));
+#endif
+}
+inline void sync_acquire([[maybe_unused]] const void* token) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_acquire(const_cast<void*>(token));
+#endif
+}
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
   x += 0x9e3779b97f4a7c15ull;
@@ -178,6 +237,10 @@ struct Fiber {
   WarpOp op;
   std::vector<PendingCopy> copies;  // cp.async issued and not yet landed
   uint64_t committed_groups = 0;
+  void* tsan_fiber = nullptr;
+  uint32_t syncwarps = 0;  // __syncwarp calls so far (TSan: which of the lane's two tokens to use)
+  bool started = false;
+  void* asan_fake_stack = nullptr;
 };
 
 enum class BarrierKind : uint8_t { sync, count, and_, or_ };
@@ -209,6 +272,16 @@ struct BlockRun {
   int barrier_first = -1;
   unsigned char* dynamic_smem = nullptr;
   std::exception_ptr error;
+  // TSan synchronisation objects (only their addresses matter). A thread acquires a barrier's token
+  // when it resumes, possibly after faster threads already arrived at the next barrier: alternating
+  // two tokens keeps their releases out of its acquire.
+  uint64_t barrier_generation = 0;
+  char barrier_tokens[2] = {};
+  char start_token = 0;
+  char exit_token = 0;
+  char* lane_tokens = nullptr;  // two per thread, for __syncwarp
+  uint32_t* warp_waiting = nullptr;  // per warp: lanes waiting at a warp operation
+  uint32_t* warp_exited = nullptr;   // per warp: lanes that have exited
 };
 
 struct LaunchShared {
@@ -227,8 +300,15 @@ struct LaunchShared {
 struct Worker {
   std::vector<Fiber> fibers;
   Context scheduler;
+  void* tsan_scheduler = nullptr;
   std::vector<unsigned char> smem_storage;
   std::vector<int> order;
+  std::vector<char> lane_tokens;
+  std::vector<uint32_t> warp_masks;
+  // ASan: the scheduler's (OS thread's) stack, learnt when a fiber first starts
+  const void* asan_scheduler_bottom = nullptr;
+  size_t asan_scheduler_size = 0;
+  void* asan_scheduler_fake_stack = nullptr;
 };
 
 inline thread_local Worker* t_worker = nullptr;
@@ -285,7 +365,10 @@ inline void release_worker(std::unique_ptr<Worker> worker) {
 // Messages
 
 inline std::string format_dim(uint3 v) {
-  return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+  // snprintf rather than string concatenation, which trips g++ 12's -Wrestrict false positive.
+  char text[40];
+  std::snprintf(text, sizeof(text), "(%u,%u,%u)", v.x, v.y, v.z);
+  return text;
 }
 
 inline std::string format_site(const std::source_location& site) {
@@ -333,10 +416,21 @@ inline std::string describe_wait(const Fiber& fiber) {
 // Switching
 
 // The running fiber gives the OS thread back to its block's scheduler.
-inline void yield_to_scheduler() {
-  Fiber* self = t_fiber;
-  context_switch(self->context, t_worker->scheduler);
+inline void switch_to_scheduler(Fiber& self, Worker& worker) {
+#if CHAINRULE_EMU_TSAN
+  __tsan_switch_to_fiber(worker.tsan_scheduler, 1 /* no synchronisation */);
+#endif
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_start_switch_fiber(self.state == FiberState::exited ? nullptr : &self.asan_fake_stack,
+                                 worker.asan_scheduler_bottom, worker.asan_scheduler_size);
+#endif
+  context_switch(self.context, worker.scheduler);
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(self.asan_fake_stack, nullptr, nullptr);
+#endif
 }
+
+inline void yield_to_scheduler() { switch_to_scheduler(*t_fiber, *t_worker); }
 
 inline void land_copies(Fiber& fiber, uint64_t groups_below) {
   auto& copies = fiber.copies;
@@ -381,17 +475,31 @@ inline void check_exit(Fiber& fiber) {
 
 inline void fiber_main(void* arg) {
   auto* fiber = static_cast<Fiber*>(arg);
+#if CHAINRULE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &t_worker->asan_scheduler_bottom, &t_worker->asan_scheduler_size);
+#endif
   BlockRun& block = *fiber->block;
+  sync_acquire(&block.start_token);  // the block starts after the launch
+  fiber->started = true;
   try {
     block.launch->invoke(block.launch->invoke_context);
     land_copies(*fiber, ~uint64_t{0});  // the hardware finishes copies a thread left in flight
+    InternalAccess internal;
     check_exit(*fiber);
   } catch (...) {
+    InternalAccess internal;
     if (!block.error) block.error = std::current_exception();
   }
-  fiber->state = FiberState::exited;
-  ++block.exited;
-  yield_to_scheduler();
+  Worker* worker;
+  {
+    InternalAccess internal;
+    sync_release(&block.exit_token);  // and ends before the launch returns
+    fiber->state = FiberState::exited;
+    block.warp_exited[fiber->linear >> 5] |= 1u << (fiber->linear & 31);
+    ++block.exited;
+    worker = t_worker;
+  }
+  switch_to_scheduler(*fiber, *worker);
   std::abort();  // an exited fiber is never resumed
 }
 
@@ -399,6 +507,7 @@ inline void fiber_main(void* arg) {
 // Barriers
 
 inline int barrier(BarrierKind kind, int predicate, const std::source_location& site) {
+  InternalAccess internal;
   BlockRun& block = *t_block;
   Fiber& self = *t_fiber;
   if (block.exited > 0) {
@@ -425,7 +534,9 @@ inline int barrier(BarrierKind kind, int predicate, const std::source_location& 
   block.barrier_predicates += predicate != 0;
   self.state = FiberState::at_barrier;
   self.site = site;
+  char* token = &block.barrier_tokens[block.barrier_generation & 1];
   if (++block.barrier_arrived == block.nthreads) {
+    ++block.barrier_generation;
     switch (kind) {
       case BarrierKind::sync: block.barrier_result = 0; break;
       case BarrierKind::count: block.barrier_result = block.barrier_predicates; break;
@@ -436,7 +547,9 @@ inline int barrier(BarrierKind kind, int predicate, const std::source_location& 
     block.barrier_first = -1;
     for (int i = 0; i < block.nthreads; ++i) block.fibers[i].state = FiberState::runnable;
   }
+  sync_release(token);
   yield_to_scheduler();
+  sync_acquire(token);
   return block.barrier_result;
 }
 
@@ -456,36 +569,42 @@ inline void warp_collective(bool aligned) {
   const int lane = self.linear & 31;
   const int warp_base = self.linear - lane;
   const uint32_t lanes = existing_lanes(block, warp_base);
-  char mask_text[16];
-  std::snprintf(mask_text, sizeof mask_text, "0x%08x", op.mask);
+  auto mask_text = [&] {
+    char text[16];
+    std::snprintf(text, sizeof text, "0x%08x", op.mask);
+    return std::string(text);
+  };
   if (!(op.mask >> lane & 1u)) {
     fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
-         mask_text + " does not include the calling lane " + std::to_string(lane));
+         mask_text() + " does not include the calling lane " + std::to_string(lane));
   }
   if (aligned && lanes != 0xffffffffu) {
     fail(std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) +
          ") needs a full warp of 32 threads; this warp has " + std::to_string(__builtin_popcount(lanes)));
   }
   const uint32_t participants = op.mask & lanes;
+  const int warp = self.linear >> 5;
+  if (const uint32_t gone = block.warp_exited[warp] & participants; gone != 0) {
+    const int j = __builtin_ctz(gone);
+    fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
+         mask_text() + " names lane " + std::to_string(j) + ", but " + thread_name(block.fibers[warp_base + j]) +
+         " has exited; every lane in the mask must make the same call");
+  }
   self.state = FiberState::at_warp_op;
-  bool complete = true;
-  for (int j = 0; j < 32; ++j) {
+  uint32_t& waiting = block.warp_waiting[warp];
+  waiting |= 1u << lane;
+  // Only when every lane of the mask waits at some warp operation can this one complete; then check
+  // that it is this one. (A lane at another operation whose mask leaves us out may finish that
+  // first; a lane at one that needs us never will.)
+  bool complete = (waiting & participants) == participants;
+  for (int j = 0; complete && j < 32; ++j) {
     if (j == lane || !(participants >> j & 1u)) continue;
     const Fiber& other = block.fibers[warp_base + j];
-    if (other.state == FiberState::exited) {
-      fail("warp mask mismatch: " + std::string(warp_kind_name(op.kind)) + " (" + format_site(op.site) + ") with mask " +
-           mask_text + " names lane " + std::to_string(j) + ", but " + thread_name(other) +
-           " has exited; every lane in the mask must make the same call");
-    }
-    if (other.state != FiberState::at_warp_op) {
-      complete = false;
-      continue;
-    }
     const bool same = other.op.kind == op.kind && other.op.mask == op.mask && other.op.variant == op.variant &&
                       (!aligned || same_site(other.op.site, op.site));
     if (!same) {
       if (other.op.mask >> lane & 1u) {
-        fail("warp mask mismatch: this lane calls " + std::string(warp_kind_name(op.kind)) + " with mask " + mask_text +
+        fail("warp mask mismatch: this lane calls " + std::string(warp_kind_name(op.kind)) + " with mask " + mask_text() +
              " (" + format_site(op.site) + ") while lane " + std::to_string(j) + " (" + thread_name(other) + ") " +
              describe_wait(other) + "; the lanes of a mask must make the same call with the same mask");
       }
@@ -493,12 +612,13 @@ inline void warp_collective(bool aligned) {
     }
   }
   if (complete) {
-    Fiber* warp[32];
-    for (int j = 0; j < 32; ++j) warp[j] = (lanes >> j & 1u) ? &block.fibers[warp_base + j] : nullptr;
-    op.complete(warp, participants);
+    Fiber* lanes_of_warp[32];
+    for (int j = 0; j < 32; ++j) lanes_of_warp[j] = (lanes >> j & 1u) ? &block.fibers[warp_base + j] : nullptr;
+    op.complete(lanes_of_warp, participants);
     for (int j = 0; j < 32; ++j) {
-      if (participants >> j & 1u) warp[j]->state = FiberState::runnable;
+      if (participants >> j & 1u) lanes_of_warp[j]->state = FiberState::runnable;
     }
+    waiting &= ~participants;
   }
   yield_to_scheduler();
 }
@@ -536,14 +656,41 @@ inline std::string describe_deadlock(const BlockRun& block) {
   return "deadlock: no thread can run";
 }
 
+// A block abandoned by an error leaves fibers suspended mid-kernel. Under TSan each of them is
+// inside exactly one InternalAccess scope (every wait is in barrier() or one warp operation, each
+// of which holds one, and an exception unwinds them), so end that scope on its behalf, and let it
+// "exit" so that the next block on this worker is ordered after everything it did.
+inline void settle_abandoned_fibers([[maybe_unused]] Worker& worker, [[maybe_unused]] BlockRun& block) {
+#if CHAINRULE_EMU_TSAN
+  for (int i = 0; i < block.nthreads; ++i) {
+    Fiber& fiber = worker.fibers[static_cast<size_t>(i)];
+    if (!fiber.started || fiber.state == FiberState::exited) continue;
+    __tsan_switch_to_fiber(fiber.tsan_fiber, 1);
+    __tsan_ignore_thread_end();
+    __tsan_release(&block.exit_token);
+    __tsan_switch_to_fiber(worker.tsan_scheduler, 1);
+  }
+  __tsan_acquire(&block.exit_token);
+#endif
+}
+
 inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block_linear) {
+  InternalAccess internal;
   const dim3 bd = launch.block;
   const int nthreads = static_cast<int>(bd.x * bd.y * bd.z);
   if (worker.fibers.size() < static_cast<size_t>(nthreads)) {
     const size_t old = worker.fibers.size();
     worker.fibers.resize(static_cast<size_t>(nthreads));
-    for (size_t i = old; i < worker.fibers.size(); ++i) worker.fibers[i].stack.allocate(fiber_stack_bytes());
+    for (size_t i = old; i < worker.fibers.size(); ++i) {
+      worker.fibers[i].stack.allocate(fiber_stack_bytes());
+#if CHAINRULE_EMU_TSAN
+      worker.fibers[i].tsan_fiber = __tsan_create_fiber(0);
+#endif
+    }
   }
+#if CHAINRULE_EMU_TSAN
+  worker.tsan_scheduler = __tsan_get_current_fiber();
+#endif
 
   BlockRun block;
   block.launch = &launch;
@@ -555,10 +702,20 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
 
   // Dynamic shared memory, poisoned with 0xff bytes (NaN in fp32, fp16 and bf16) at block start.
   const size_t smem_bytes = std::max<size_t>(launch.dynamic_smem_bytes, 128);
+#if CHAINRULE_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(worker.smem_storage.data(), worker.smem_storage.size());
+#endif
   if (worker.smem_storage.size() < smem_bytes + 128) worker.smem_storage.resize(smem_bytes + 128);
   auto smem_address = reinterpret_cast<uintptr_t>(worker.smem_storage.data());
   block.dynamic_smem = worker.smem_storage.data() + ((128 - smem_address % 128) % 128);
   std::memset(block.dynamic_smem, 0xff, smem_bytes);
+#if CHAINRULE_EMU_ASAN
+  // everything but the requested bytes is out of bounds
+  unsigned char* storage_end = worker.smem_storage.data() + worker.smem_storage.size();
+  unsigned char* requested_end = block.dynamic_smem + launch.dynamic_smem_bytes;
+  ASAN_POISON_MEMORY_REGION(worker.smem_storage.data(), static_cast<size_t>(block.dynamic_smem - worker.smem_storage.data()));
+  ASAN_POISON_MEMORY_REGION(requested_end, static_cast<size_t>(storage_end - requested_end));
+#endif
 
   for (int i = 0; i < nthreads; ++i) {
     Fiber& fiber = worker.fibers[static_cast<size_t>(i)];
@@ -569,6 +726,16 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
     fiber.block = &block;
     fiber.copies.clear();
     fiber.committed_groups = 0;
+    fiber.syncwarps = 0;
+    fiber.started = false;
+#if CHAINRULE_EMU_TSAN
+    __tsan_set_fiber_name(fiber.tsan_fiber, (std::string(launch.kernel_name) + " block " + format_dim(block.index) +
+                                             " thread " + format_dim(fiber.index)).c_str());
+#endif
+#if CHAINRULE_EMU_ASAN
+    // frames left by the last block (fibers end by switching away, not by returning) are stale
+    ASAN_UNPOISON_MEMORY_REGION(fiber.stack.base, fiber.stack.size);
+#endif
     context_init(fiber.context, fiber.stack, &fiber_main, &fiber);
   }
 
@@ -577,6 +744,13 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
   blockDim = launch.block;
   gridDim = launch.grid;
 
+  const size_t nwarps = (static_cast<size_t>(nthreads) + 31) / 32;
+  worker.warp_masks.assign(2 * nwarps, 0u);
+  block.warp_waiting = worker.warp_masks.data();
+  block.warp_exited = worker.warp_masks.data() + nwarps;
+  worker.lane_tokens.resize(2 * static_cast<size_t>(nthreads));
+  block.lane_tokens = worker.lane_tokens.data();
+  sync_release(&block.start_token);
   auto& order = worker.order;
   order.resize(static_cast<size_t>(nthreads));
   uint64_t rng = mix64(launch.seed ^ mix64(block_linear + 1));
@@ -603,19 +777,31 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
       ran = true;
       t_fiber = &fiber;
       threadIdx = fiber.index;
+#if CHAINRULE_EMU_TSAN
+      __tsan_switch_to_fiber(fiber.tsan_fiber, 1 /* no synchronisation */);
+#endif
+#if CHAINRULE_EMU_ASAN
+      __sanitizer_start_switch_fiber(&worker.asan_scheduler_fake_stack, fiber.stack.base, fiber.stack.size);
+#endif
       context_switch(worker.scheduler, fiber.context);
+#if CHAINRULE_EMU_ASAN
+      __sanitizer_finish_switch_fiber(worker.asan_scheduler_fake_stack, nullptr, nullptr);
+#endif
       if (block.error) {
         t_fiber = nullptr;
         t_block = nullptr;
+        settle_abandoned_fibers(worker, block);
         std::rethrow_exception(block.error);
       }
     }
     if (!ran) {
       t_fiber = nullptr;
       t_block = nullptr;
+      settle_abandoned_fibers(worker, block);
       throw Error("chainrule::emu: " + describe_deadlock(block) + " (in " + where(block) + ")");
     }
   }
+  sync_acquire(&block.exit_token);
   t_fiber = nullptr;
   t_block = nullptr;
 }
@@ -633,6 +819,9 @@ inline void check_launch(const LaunchShared& launch) {
 }
 
 inline void launch_erased(const LaunchShared& launch) {
+  if (t_worker != nullptr)
+    throw Error("chainrule::emu::launch('" + std::string(launch.kernel_name) +
+                "'): launching from inside a kernel (dynamic parallelism) is not supported");
   check_launch(launch);
   g_launch_count.fetch_add(1, std::memory_order_relaxed);
   const uint64_t nblocks = uint64_t{launch.grid.x} * launch.grid.y * launch.grid.z;
@@ -645,6 +834,7 @@ inline void launch_erased(const LaunchShared& launch) {
   uint64_t first_error_block = ~uint64_t{0};
 
   auto work = [&] {
+    InternalAccess internal;
     auto worker = acquire_worker();
     t_worker = worker.get();
     // Save the caller's built-ins: a launch from the caller's thread must not leave them changed.

@@ -35,7 +35,7 @@ __global__ void reverse_in_block(const int* in, int* out) {
 
 __global__ void read_dynamic_smem(unsigned char* out, int bytes, uintptr_t* address) {
   unsigned char* smem = chainrule::port::dynamic_shared<unsigned char>();
-  if (threadIdx.x == 0) *address = reinterpret_cast<uintptr_t>(smem);
+  if (threadIdx.x == 0 && blockIdx.x == 0) *address = reinterpret_cast<uintptr_t>(smem);
   // every block must see poison, whatever the previous block on this worker wrote
   for (int i = static_cast<int>(threadIdx.x); i < bytes; i += static_cast<int>(blockDim.x))
     out[blockIdx.x * static_cast<unsigned>(bytes) + static_cast<unsigned>(i)] = smem[i];
@@ -201,4 +201,15 @@ TEST(basics_schedule_parsing) {
 
 TEST(basics_builtins_outside_kernel) {
   CHECK_THROWS(__syncthreads(), "outside a kernel");
+}
+
+namespace {
+__global__ void nested_launch(int* out) {
+  emu::launch("reverse_in_block", reverse_in_block, dim3(1), dim3(1), 0, out, out);
+}
+}  // namespace
+
+TEST(basics_launch_inside_kernel_is_an_error) {
+  int value = 0;
+  CHECK_THROWS(emu::launch("nested_launch", nested_launch, dim3(1), dim3(1), 0, &value), "dynamic parallelism");
 }
