@@ -42,15 +42,10 @@ def main(argv=None) -> int:
     def row(label, value, unit, note=""):
         rows.append({"label": label, "value": value, "unit": unit, "note": note})
 
-    row(f"fp32 FMA peak, {cpu['threads']} threads ({cpu['vector_bits']}-bit vectors)",
-        cpu["fp32_gflops"], "GFLOP/s", f"wall clock {cpu['fp32_wall_gflops']:.1f}")
-    if cpu.get("bf16_gflops"):
-        row(f"bf16 dot-product peak, {cpu['threads']} threads", cpu["bf16_gflops"], "GFLOP/s",
-            f"wall clock {cpu['bf16_wall_gflops']:.1f}")
+    if cpu.get("error"):
+        row("CPU peaks", None, "", cpu["error"])
     else:
-        row("bf16 dot-product peak", None, "GFLOP/s", "no AVX512_BF16 on this CPU")
-    row(f"Adam-like read-modify-write, {cpu['rmw_elements'] >> 20}M elements x 28 B",
-        cpu["rmw_gbps"], "GB/s")
+        cpu_rows(cpu, row)
     if "cuda" in peaks:
         cuda = peaks["cuda"]
         row(f"{cuda['name']}: bf16 GEMM 8192^3", cuda["bf16_tflops"], "TFLOP/s")
@@ -66,6 +61,18 @@ def main(argv=None) -> int:
         print(f"{r['label'].ljust(width)} | {value:>8} {r['unit']:<8} | {r['note']}")
     harness.write_results(s, [], peaks=peaks, extra={"probe_rows": rows})
     return 0
+
+
+def cpu_rows(cpu: dict, row) -> None:
+    row(f"fp32 FMA peak, {cpu['threads']} threads ({cpu['vector_bits']}-bit vectors)",
+        cpu["fp32_gflops"], "GFLOP/s", f"wall clock {cpu['fp32_wall_gflops']:.1f}")
+    if cpu.get("bf16_gflops"):
+        row(f"bf16 dot-product peak, {cpu['threads']} threads", cpu["bf16_gflops"], "GFLOP/s",
+            f"wall clock {cpu['bf16_wall_gflops']:.1f}")
+    else:
+        row("bf16 dot-product peak", None, "GFLOP/s", "no AVX512_BF16 on this CPU")
+    row(f"Adam-like read-modify-write, {cpu['rmw_elements'] >> 20}M elements x 28 B",
+        cpu["rmw_gbps"], "GB/s")
 
 
 if __name__ == "__main__":

@@ -335,7 +335,17 @@ def compile_probe(out_dir: Optional[Path] = None) -> Path:
 
 def probe_cpu(threads: int, *, quick: bool) -> dict:
     """Measured FMA peaks (fp32, bf16) with `threads` threads and the Adam-like read-modify-write
-    bandwidth. See probe.cpp for what each figure counts."""
+    bandwidth. See probe.cpp for what each figure counts. Without a C++ compiler (or on a CPU
+    without AVX2+FMA) there is no honest peak to measure: {"error": why}, and the % of peak
+    columns stay empty."""
+    try:
+        return _probe_cpu(threads, quick=quick)
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        return {"threads": threads, "error": f"machine probe failed: {str(detail)[-300:]}"}
+
+
+def _probe_cpu(threads: int, *, quick: bool) -> dict:
     binary = compile_probe()
     seconds = "0.4" if quick else "2"
     fma = json.loads(subprocess.run([str(binary), "fma", str(threads), seconds], check=True,
@@ -654,7 +664,9 @@ def peaks_line(peaks: Optional[dict]) -> str:
         return "peaks: none measured"
     parts = []
     cpu = peaks.get("cpu") or {}
-    if cpu:
+    if cpu.get("error"):
+        parts.append(f"CPU: {cpu['error']}")
+    elif cpu:
         parts.append(f"CPU fp32 FMA {cpu['fp32_gflops']:.1f} GFLOP/s")
         if cpu.get("bf16_gflops"):
             parts.append(f"bf16 {cpu['bf16_gflops']:.1f} GFLOP/s")

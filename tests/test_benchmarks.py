@@ -177,3 +177,14 @@ def test_chainrule_raising_is_a_failed_check():
                            work=None, unit="GB/s", peak=None, config={})
     assert row["chainrule"] is None and row["baselines"]["torch"]["median_s"] == 1.0
     assert "ERROR NotImplementedError" in "\n".join(harness.table_lines([row]))
+
+
+def test_probe_without_compiler_leaves_peaks_empty(monkeypatch):
+    def no_compiler(out_dir=None):
+        raise RuntimeError("the machine probe needs a C++ compiler (g++ not found)")
+    monkeypatch.setattr(harness, "compile_probe", no_compiler)
+    cpu = harness.probe_cpu(2, quick=True)
+    assert "g++ not found" in cpu["error"]
+    peaks = {"cpu": cpu}
+    assert harness.peak_for(peaks, torch.device("cpu"), torch.float32, "flops")[0] is None
+    assert "machine probe failed" in harness.peaks_line(peaks)
