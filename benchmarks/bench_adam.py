@@ -180,7 +180,8 @@ def main(argv=None) -> int:
                         "bytes_per_param": bytes_per_param},
                 extra={"series": f"{harness.dtype_name(dtype)}"
                                  f"{' master' if dtype == torch.bfloat16 else ''} {tensors} tensors",
-                       "note": "target" if (params, tensors) == TARGET else ""}))
+                       "note": ("target; " if (params, tensors) == TARGET else "")
+                               + f"{bytes_per_param} B/param"}))
             del contenders, keep
             gc.collect()
     harness.write_results(s, rows, peaks=peaks)
