@@ -9,14 +9,13 @@
 // Flops are counted as 2 per multiply-add lane (the convention GEMM GFLOP/s figures use); a bf16
 // dot-product instruction (vdpbf16ps) does 2 multiply-adds per fp32 lane.
 #include <immintrin.h>
-#include <time.h>
+#include <time.h>  // clock_gettime(CLOCK_THREAD_CPUTIME_ID)
 
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <thread>
 #include <vector>
 
@@ -31,7 +30,15 @@ using Vec = __m512;
 constexpr int kLanes = 16;
 inline Vec vset(float x) { return _mm512_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline float vsum(Vec a) {
+  // A store and a scalar sum: _mm512_reduce_add_ps trips a -Wuninitialized false positive in
+  // GCC 12's own header.
+  alignas(64) float t[16];
+  _mm512_store_ps(t, a);
+  float s = 0;
+  for (float x : t) s += x;
+  return s;
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -75,7 +82,7 @@ double bf16_dot_loop(long iterations, float* sink) {
     for (int i = 0; i < kAccumulators; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
   }
   float s = 0;
-  for (int i = 0; i < kAccumulators; ++i) s += _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < kAccumulators; ++i) s += vsum(acc[i]);
   *sink = s;
   return static_cast<double>(iterations) * kAccumulators * 16 * 2;  // 2 multiply-adds per lane
 }
