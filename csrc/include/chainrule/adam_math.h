@@ -87,8 +87,8 @@ CHAINRULE_HOST_DEVICE AdamScalars<T> adam_scalars(const AdamOptions& o, double l
   s.beta2 = static_cast<T>(o.beta2);
   s.eps = static_cast<T>(o.eps);
   s.has_grad_scale = grad_scale != nullptr;
-  // Division, not a reciprocal: g / scale is what torch's _amp_foreach_non_finite_check_and_unscale_
-  // computes (as g * (1/scale) in float; both are exact for the power-of-two scales GradScaler uses).
+  // Unscaling multiplies by the float reciprocal, as torch's GradScaler does (grad * inv_scale in
+  // _amp_foreach_non_finite_check_and_unscale_); exact for the power-of-two scales it uses.
   s.inv_grad_scale = s.has_grad_scale ? static_cast<T>(1.0f / *grad_scale) : T(1);
   s.amsgrad = o.amsgrad;
   s.maximize = o.maximize;
