@@ -615,7 +615,9 @@ def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "torch_cuda": torch.version.cuda}
     try:
-        out["chainrule"] = import_chainrule().build_info()
+        chainrule = import_chainrule()
+        out["chainrule"] = chainrule.build_info()
+        out["chainrule_path"] = str(Path(chainrule.__file__).parent)
     except Exception as error:  # noqa: BLE001  (the report says why chainrule is missing)
         out["chainrule"] = f"unavailable: {error}"
     return out

@@ -192,7 +192,7 @@ def report(out: Path, machine: dict, subjects: dict[str, list[dict]], plots: dic
               + (" (above the CPU count: other processes shared the machine, timings are noisy)"
                  if info["load_average"] and info["load_average"][0] > (info["cpus"] or 1) else ""),
               f"- torch {vers['torch']}, python {vers['python']}",
-              f"- chainrule: {json.dumps(vers['chainrule'])}",
+              f"- chainrule: {json.dumps(vers['chainrule'])}, from {vers.get('chainrule_path')}",
               f"- git commit {git['commit']}{' (with uncommitted changes)' if git['dirty'] else ''}",
               ""]
     lines += ["## Measured peaks (bench_machine.py)", "",
