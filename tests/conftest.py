@@ -1,7 +1,9 @@
 """One test suite, every backend.
 
 The `backend` fixture runs a test on each place chainrule's kernels run:
-  cpu                      the CPU kernels
+  cpu                      the CPU kernels, on the best SIMD path this CPU has
+  cpu-<isa>                the CPU kernels forced onto a lower path (avx2, or fallback: ATen's GEMM
+                           with our epilogues), as CHAINRULE_CPU_ISA=<isa> would
   emulated_cuda-<order>    the CUDA kernel source under the CUDA emulator, with the block's threads
                            scheduled in forward, reverse and seeded random order
   cuda                     the CUDA kernels on a GPU (skipped, with the reason, where there is none)
@@ -29,7 +31,9 @@ class Backend:
 
 
 EMULATOR_ORDERS = ("forward", "reverse", "random")
-BACKEND_NAMES = ["cpu"] + [f"emulated_cuda-{order}" for order in EMULATOR_ORDERS] + ["cuda"]
+FORCED_CPU_ISAS = ("avx2", "fallback")
+BACKEND_NAMES = (["cpu"] + [f"cpu-{isa}" for isa in FORCED_CPU_ISAS]
+                 + [f"emulated_cuda-{order}" for order in EMULATOR_ORDERS] + ["cuda"])
 
 
 @contextlib.contextmanager
@@ -37,6 +41,16 @@ def running_on(name: str):
     """Enters backend `name` for the duration of the block; skips the test if it is missing."""
     if name == "cpu":
         yield Backend(name, "cpu")
+    elif name.startswith("cpu-"):
+        isa = name.split("-", 1)[1]
+        try:
+            chainrule._C._set_cpu_isa(isa)
+        except RuntimeError as error:
+            pytest.skip(f"this CPU cannot run chainrule's {isa} kernels: {error}")
+        try:
+            yield Backend(name, "cpu")
+        finally:
+            chainrule._C._set_cpu_isa(None)
     elif name.startswith("emulated_cuda"):
         if not chainrule.backends.emulator_available():
             pytest.skip("chainrule was built without the CUDA emulator (no CUDA headers found)")
