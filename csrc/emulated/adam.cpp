@@ -37,36 +37,6 @@ void run(const adam_plan::AdamArgs& args) {
 
 }  // namespace
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-           at::TensorList master_params, double lr, double beta1, double beta2, double weight_decay,
-           double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  adam_plan::AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                           master_params,
-                           AdamOptions{beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                       decoupled_weight_decay}};
-  args.lr = lr;
-  args.grad_scale = &grad_scale;
-  args.found_inf = &found_inf;
-  run(args);
-}
-
-void adam_tensor_lr_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList state_steps, at::TensorList master_params, const at::Tensor& lr,
-                     double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                     bool maximize, bool decoupled_weight_decay,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
-  adam_plan::AdamArgs args{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                           master_params,
-                           AdamOptions{beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                       decoupled_weight_decay}};
-  args.lr_tensor = &lr;
-  args.grad_scale = &grad_scale;
-  args.found_inf = &found_inf;
-  run(args);
-}
+CHAINRULE_DEFINE_ADAM_ENTRY_POINTS(run)
 
 }  // namespace chainrule::emulated
