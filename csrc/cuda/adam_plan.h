@@ -39,34 +39,33 @@ struct AdamArgs {
   const std::optional<at::Tensor>* found_inf = nullptr;
 };
 
+// The arguments common to both Adam entry points; the caller sets lr or lr_tensor.
+inline AdamArgs make_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          at::TensorList state_steps, at::TensorList master_params, double beta1,
+                          double beta2, double weight_decay, double eps, bool amsgrad,
+                          bool maximize, bool decoupled_weight_decay,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  AdamArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+             AdamOptions{beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                         decoupled_weight_decay}};
+  a.grad_scale = &grad_scale;
+  a.found_inf = &found_inf;
+  return a;
+}
+
 // Defines the two Adam entry points of ops.h (float lr and tensor lr) in the enclosing namespace
-// over `run_fn(AdamArgs&)`: the CUDA launcher and its emulated twin differ only in how they launch.
+// over `run_fn(const AdamArgs&)`: the CUDA launcher and its emulated twin differ only in how they
+// launch.
 #define CHAINRULE_DEFINE_ADAM_ENTRY_POINTS(run_fn)                                                \
-  namespace adam_entry {                                                                          \
-  inline adam_plan::AdamArgs args(at::TensorList params, at::TensorList grads,                    \
-                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,            \
-                                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps,     \
-                                  at::TensorList master_params, double beta1, double beta2,       \
-                                  double weight_decay, double eps, bool amsgrad, bool maximize,   \
-                                  bool decoupled_weight_decay,                                    \
-                                  const std::optional<at::Tensor>& grad_scale,                    \
-                                  const std::optional<at::Tensor>& found_inf) {                   \
-    adam_plan::AdamArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,     \
-                          master_params,                                                          \
-                          AdamOptions{beta1, beta2, eps, weight_decay, amsgrad, maximize,         \
-                                      decoupled_weight_decay}};                                   \
-    a.grad_scale = &grad_scale;                                                                   \
-    a.found_inf = &found_inf;                                                                     \
-    return a;                                                                                     \
-  }                                                                                               \
-  }                                                                                               \
   void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                \
              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,                          \
              at::TensorList state_steps, at::TensorList master_params, double lr, double beta1,   \
              double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,          \
              bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,            \
              const std::optional<at::Tensor>& found_inf) {                                        \
-    adam_plan::AdamArgs a = adam_entry::args(                                                     \
+    adam_plan::AdamArgs a = adam_plan::make_args(                                                 \
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, beta1, \
         beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale,          \
         found_inf);                                                                               \
@@ -80,7 +79,7 @@ struct AdamArgs {
                        double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,      \
                        const std::optional<at::Tensor>& grad_scale,                               \
                        const std::optional<at::Tensor>& found_inf) {                              \
-    adam_plan::AdamArgs a = adam_entry::args(                                                     \
+    adam_plan::AdamArgs a = adam_plan::make_args(                                                 \
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, beta1, \
         beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale,          \
         found_inf);                                                                               \
