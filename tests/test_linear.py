@@ -207,7 +207,7 @@ def test_accumulate_grad_matches_nn_linear(backend, activation, bias):
         torch.testing.assert_close(p_ours.grad, p_theirs.grad, rtol=0, atol=1e-12)
 
 
-def test_accumulate_grad_allocates_grad_and_returns_none_to_autograd(backend):
+def test_accumulate_grad_first_backward_installs_a_fresh_grad(backend):
     layer = chainrule.nn.Linear(4, 3, activation="relu", accumulate_grad=True,
                                 device=backend.device, dtype=torch.float64)
     x = torch.randn(5, 4, dtype=torch.float64, device=backend.device, requires_grad=True)
@@ -230,11 +230,130 @@ def test_accumulate_grad_backward_inputs_excludes_weight(backend):
     torch.testing.assert_close(x.grad, layer.weight.detach().sum(0).expand(5, 4))
 
 
-def test_accumulate_grad_refuses_gradient_hooks():
-    layer = chainrule.nn.Linear(4, 3, accumulate_grad=True)
-    layer.weight.register_post_accumulate_grad_hook(lambda p: None)
-    with pytest.raises(RuntimeError, match=r"chainrule.functional.linear: accumulate_grad=True .*hooks"):
-        layer(torch.randn(2, 4))
+def _pair(device, bias=True, activation="gelu", size=(4, 3)):
+    """chainrule.nn.Linear(accumulate_grad=True) and an nn.Linear with the same parameters, both
+    with a pre-filled .grad (the second micro-batch of gradient accumulation)."""
+    torch.manual_seed(11)
+    ours = chainrule.nn.Linear(*size, bias=bias, activation=activation, accumulate_grad=True,
+                               device=device, dtype=torch.float64)
+    theirs = torch.nn.Linear(*size, bias=bias, device=device, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    for module in (ours, theirs):
+        for p in module.parameters():
+            p.grad = torch.full_like(p, 0.5)
+    return ours, theirs
+
+
+def test_accumulate_grad_hands_the_same_grad_back_to_autograd(backend):
+    """The accumulated .grad goes through AccumulateGrad without a copy: its storage is kept, and
+    a post-accumulate-grad hook runs once per backward and sees the accumulated gradient."""
+    ours, theirs = _pair(backend.device)
+    pointers = [p.grad.data_ptr() for p in ours.parameters()]
+    seen = {"ours": {}, "theirs": {}}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        for key, p in module.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name, key=key: seen[name].setdefault(key, []).append(p.grad.clone()))
+    for step in range(2):
+        x = torch.randn(5, 4, dtype=torch.float64, device=backend.device, requires_grad=True)
+        ours(x).pow(2).sum().backward()
+        x_ref = x.detach().requires_grad_()
+        reference(x_ref, theirs.weight, theirs.bias, "gelu").pow(2).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    assert [p.grad.data_ptr() for p in ours.parameters()] == pointers
+    for key in ("weight", "bias"):
+        assert len(seen["ours"][key]) == len(seen["theirs"][key]) == 2
+        for a, b in zip(seen["ours"][key], seen["theirs"][key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_accumulate_grad_adds_in_the_kernel_without_a_temporary(backend_one_order):
+    """Into an existing .grad: one accumulating op, and no dW-sized add or copy afterwards (torch's
+    AccumulateGrad adds a temporary dW into .grad; ours installs the accumulated tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, out))
+                      if isinstance(t, torch.Tensor)]
+            self.calls.append((str(func.overloadpacket), shapes))
+            return out
+
+    device = backend_one_order.device
+    ours, theirs = _pair(device, size=(6, 5))
+    x = torch.randn(7, 6, dtype=torch.float64, device=device)
+    calls = {}
+    for name, loss in (("ours", ours(x).sum()),
+                       ("theirs", reference(x, theirs.weight, theirs.bias, "gelu").sum())):
+        with Record() as record:
+            loss.backward()
+        calls[name] = record.calls
+    weight_sized = lambda calls: [f for f, shapes in calls  # noqa: E731
+                                  if (5, 6) in shapes and f.split(".")[-1] in
+                                  ("add", "add_", "clone", "copy_", "_to_copy", "mm", "t")]
+    assert weight_sized(calls["theirs"]), calls["theirs"]  # the test sees torch's temporary
+    assert not weight_sized(calls["ours"]), calls["ours"]
+    assert [f for f, _ in calls["ours"]].count("chainrule.linear_backward_accumulate") == 1
+    for p_ours, p_theirs in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_theirs.grad, rtol=0, atol=1e-12)
+
+
+def test_accumulate_grad_tensor_hooks_see_this_backward_s_gradient(backend_one_order):
+    """A tensor hook (register_hook) receives the gradient of this backward alone and may replace
+    it, as with nn.Linear; the result is added into the existing .grad."""
+    device = backend_one_order.device
+    ours, theirs = _pair(device)
+    seen = {"ours": [], "theirs": []}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        module.weight.register_hook(lambda g, name=name: seen[name].append(g.clone()) or 2 * g)
+    for step in range(2):
+        x = torch.randn(5, 4, dtype=torch.float64, device=device)
+        ours(x).pow(2).sum().backward()
+        reference(x, theirs.weight, theirs.bias, "gelu").pow(2).sum().backward()
+    assert len(seen["ours"]) == len(seen["theirs"]) == 2
+    for a, b in zip(seen["ours"], seen["theirs"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for p_ours, p_theirs in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_theirs.grad, rtol=0, atol=1e-12)
+
+
+def test_accumulate_grad_weight_used_twice(backend_one_order):
+    """One layer applied twice: the engine sums both uses before AccumulateGrad."""
+    device = backend_one_order.device
+    ours, theirs = _pair(device, size=(4, 4), activation="silu")
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    ours(ours(x)).sum().backward()
+    reference(reference(x, theirs.weight, theirs.bias, "silu"), theirs.weight, theirs.bias,
+              "silu").sum().backward()
+    for p_ours, p_theirs in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_theirs.grad, rtol=0, atol=1e-12)
+
+
+def test_accumulate_grad_optimizer_in_backward(backend_one_order):
+    """torch's optimizer-in-backward pattern: a post-accumulate-grad hook steps each parameter and
+    clears its .grad; the same parameters as with nn.Linear and torch.optim.AdamW."""
+    device = backend_one_order.device
+    ours, theirs = _pair(device)
+    for module, adamw in ((ours, chainrule.optim.AdamW), (theirs, torch.optim.AdamW)):
+        optimizers = {p: adamw([p], lr=1e-2) for p in module.parameters()}
+
+        def step(p, optimizers=optimizers):
+            optimizers[p].step()
+            optimizers[p].zero_grad()
+        for p in module.parameters():
+            p.register_post_accumulate_grad_hook(step)
+    for _ in range(3):
+        x = torch.randn(5, 4, dtype=torch.float64, device=device)
+        ours(x).pow(2).sum().backward()
+        reference(x, theirs.weight, theirs.bias, "gelu").pow(2).sum().backward()
+    for p_ours, p_theirs in zip(ours.parameters(), theirs.parameters()):
+        assert p_ours.grad is None
+        torch.testing.assert_close(p_ours, p_theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_create_graph_double_backward(backend):

@@ -8,15 +8,18 @@ Z = input @ weight.T + bias: one extra (..., out_features) tensor in the input's
 not recomputing a GEMM in backward. Backward runs one op that applies act'(Z), reduces the bias
 gradient and runs both gradient GEMMs.
 
-accumulate_grad=True: backward adds dW and db straight into weight.grad / bias.grad (allocating
-them when None) and hands autograd no weight/bias gradient, so there is no temporary dW and no
-AccumulateGrad pass. This applies to loss.backward() on leaf parameters. It is not used, and the
-gradient is returned in the ordinary way, when the backward is torch.autograd.grad(...) (the
-engine cannot accumulate there), under create_graph=True, for non-leaf weights, and under
-torch.compile. When backward(inputs=...) leaves the weight out, its gradient is not computed.
-Not supported: hooks on the weight or bias gradient (tensor hooks, post-accumulate-grad hooks,
-DDP's gradient bucketing), which never see the gradient: linear() raises if the parameter has
-such hooks registered.
+accumulate_grad=True: when weight.grad already holds a gradient (the second and later micro-batches
+of gradient accumulation), backward adds dW and db into that .grad in the kernel, clears .grad and
+hands the same tensor to autograd as the gradient, which AccumulateGrad installs back without a
+copy (torch steals a gradient nobody else references). No temporary dW is allocated, and every hook
+still runs: post-accumulate-grad hooks, DDP's reducer and FSDP2's post-backward see .grad as they
+would with torch.nn.Linear. When .grad is None the fresh dW is returned the ordinary way (autograd
+installs it without a copy either). A parameter with tensor hooks (register_hook) gets the ordinary
+path, so its hooks receive this backward's gradient alone, as in torch. accumulate_grad applies to
+loss.backward() on leaf parameters; the gradient is returned in the ordinary way when the backward
+is torch.autograd.grad(...) (the engine cannot accumulate there), under create_graph=True, for
+non-leaf weights, and under torch.compile. When backward(inputs=...) leaves the weight out, its
+gradient is not computed.
 """
 from __future__ import annotations
 
@@ -125,22 +128,38 @@ class LinearFunction(torch.autograd.Function):
             return (grad_input if needs_input else None, None,
                     grad_bias if (needs_bias and not accumulate_bias and ctx.has_bias) else None,
                     None, None, None)
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        grad_weight_buffer = _accumulation_buffer(weight)
+        if grad_weight_buffer is None:
+            # Nothing to add into: the fresh dW goes to autograd, which installs it as .grad.
+            grad_input, grad_weight, grad_bias = ops.linear_backward(
+                grad_output, input, weight, pre, ctx.activation, ctx.has_bias,
+                (needs_input, True, needs_bias))
+            return (grad_input if needs_input else None, grad_weight,
+                    grad_bias if (needs_bias and ctx.has_bias) else None, None, None, None)
         grad_bias_buffer = None
+        bias_grad_is_buffer = False
         if accumulate_bias:
-            if bias.grad is None:
-                bias.grad = torch.zeros_like(bias, memory_format=torch.contiguous_format)
-            grad_bias_buffer = bias.grad
+            grad_bias_buffer = _accumulation_buffer(bias)
+            bias_grad_is_buffer = grad_bias_buffer is not None
+            if grad_bias_buffer is None:  # a bias-sized zero buffer costs nothing next to dW
+                grad_bias_buffer = torch.zeros_like(bias, memory_format=torch.contiguous_format)
         grad_input = ops.linear_backward_accumulate(
-            grad_output, input, weight, pre, ctx.activation, needs_input, weight.grad,
+            grad_output, input, weight, pre, ctx.activation, needs_input, grad_weight_buffer,
             grad_bias_buffer)
+        # Hand the accumulated tensors to autograd with .grad cleared: AccumulateGrad installs
+        # them back without a copy and runs the hooks (quack's fuse_grad_accum does the same).
+        weight.grad = None
         grad_bias = None
-        if needs_bias and not accumulate_bias and ctx.has_bias:
+        if accumulate_bias:
+            if bias_grad_is_buffer:
+                bias.grad = None
+            grad_bias = grad_bias_buffer
+        elif needs_bias and ctx.has_bias:
             # The bias is not a leaf being accumulated into: hand autograd its gradient.
             _, _, grad_bias = ops.linear_backward(grad_output, input, weight, pre, ctx.activation,
                                                   True, (False, False, True))
-        return (grad_input if needs_input else None, None, grad_bias, None, None, None)
+        return (grad_input if needs_input else None, grad_weight_buffer, grad_bias,
+                None, None, None)
 
     @staticmethod
     def _differentiable_backward(ctx, grad_output):
@@ -161,15 +180,18 @@ class LinearFunction(torch.autograd.Function):
         return (*out, None, None, None)
 
 
-def _check_no_gradient_hooks(parameter: Optional[Tensor], name: str) -> None:
-    if parameter is None:
-        return
-    if getattr(parameter, "_backward_hooks", None) or \
-            getattr(parameter, "_post_accumulate_grad_hooks", None):
-        raise RuntimeError(
-            f"chainrule.functional.linear: accumulate_grad=True writes {name}.grad directly and "
-            f"would bypass the gradient hooks registered on {name}; use accumulate_grad=False "
-            f"with hooks (for example under DistributedDataParallel)")
+def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
+    """parameter.grad when backward can add into it in place and hand it to autograd: it exists,
+    has the kernel's layout, and no tensor hook is waiting for this backward's gradient alone."""
+    grad = parameter.grad
+    if grad is None or getattr(parameter, "_backward_hooks", None):
+        return None
+    if type(grad) is not Tensor or grad.layout != torch.strided:
+        return None  # a tensor subclass (DTensor) or a sparse .grad is left to autograd
+    if grad.dtype != parameter.dtype or grad.shape != parameter.shape or \
+            grad.device != parameter.device or not grad.is_contiguous():
+        return None
+    return grad
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -178,8 +200,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
     input (..., in_features), weight (out_features, in_features), bias (out_features) or None;
     activation one of None, "relu", "gelu" (exact erf), "gelu_tanh", "silu". With
-    accumulate_grad=True, backward adds the weight and bias gradients into .grad directly (see the
-    module docstring for what that does not support).
+    accumulate_grad=True, backward adds the weight and bias gradients into an existing .grad in
+    place (see the module docstring).
     """
     act = activation_op_name(activation)
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
@@ -193,9 +215,6 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
     if accumulate_grad and torch.compiler.is_compiling():
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
-    if accumulate_grad:
-        _check_no_gradient_hooks(weight, "weight")
-        _check_no_gradient_hooks(bias, "bias")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre_activation = needs_grad and act != "none"

@@ -16,8 +16,8 @@ class Linear(torch.nn.Linear):
 
     Same parameters, initialisation and state_dict keys as torch.nn.Linear, so checkpoints load
     both ways. activation: None, "relu", "gelu" (exact erf), "gelu_tanh" or "silu".
-    accumulate_grad=True makes backward add the weight and bias gradients straight into .grad
-    (see chainrule.functional for what that does not support).
+    accumulate_grad=True makes backward add the weight and bias gradients into an existing .grad
+    in place, keeping every gradient hook (see chainrule.functional).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
