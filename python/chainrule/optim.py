@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import distributed, ops
 
 __all__ = ["Adam", "AdamW"]
 
@@ -78,6 +78,21 @@ class Adam(torch.optim.Optimizer):
             group.setdefault("decoupled_weight_decay", self._decoupled_weight_decay)
             group.setdefault("master_weights", False)
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        # torch.optim.Adam's groups have no master_weights: without it (when off) the state dict,
+        # and a torch.distributed.checkpoint of it, has exactly torch's keys and loads both ways.
+        for group in state["param_groups"]:
+            if not group.get("master_weights", False):
+                group.pop("master_weights", None)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A group saved without master_weights (by torch, or with it off) keeps this optimizer's.
+        groups = [{"master_weights": group["master_weights"], **saved}
+                  for group, saved in zip(self.param_groups, state_dict["param_groups"])]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
         dtype = _state_dtype(p)
@@ -130,19 +145,23 @@ class Adam(torch.optim.Optimizer):
                 lists = calls.setdefault(key, {k: [] for k in (
                     "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                     "state_steps", "master_params")})
-                lists["params"].append(p)
-                grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-                lists["grads"].append(grad)
-                lists["exp_avgs"].append(state["exp_avg"])
-                lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+                # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
+                def local(tensor, argument, p=p):
+                    return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
+                lists["params"].append(local(p, "param"))
+                grad = local(p.grad, "grad")
+                lists["grads"].append(grad if grad.is_contiguous() else grad.contiguous())
+                lists["exp_avgs"].append(local(state["exp_avg"], "state['exp_avg']"))
+                lists["exp_avg_sqs"].append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
                 if group["amsgrad"]:
-                    lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                    lists["max_exp_avg_sqs"].append(
+                        local(state["max_exp_avg_sq"], "state['max_exp_avg_sq']"))
                 lists["state_steps"].append(state["step"])
                 if master is not None:
-                    lists["master_params"].append(master)
+                    lists["master_params"].append(local(master, "state['master_param']"))
             beta1, beta2 = group["betas"]
             for (device, _), lists in calls.items():
-                lr = group["lr"]
+                lr = distributed.local_scalar(group["lr"])
                 if isinstance(lr, Tensor) and lr.device != device:
                     lr = lr.to(device)
                 ops.adam_(
