@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-SUBJECTS = ("linear", "gemm", "adam", "e2e")
+SUBJECTS = ("linear", "gemm", "adam", "e2e", "fsdp")
 TITLES = {"machine": "Machine probe", "linear": "Fused linear layer (chainrule.nn.Linear)",
           "gemm": "GEMM", "adam": "Fused Adam (chainrule.optim.Adam)",
-          "e2e": "Training step, end to end"}
+          "e2e": "Training step, end to end", "fsdp": "Optimizer step under FSDP2 (2 ranks)"}
 
 
 # The CPU targets of the project (issue 6), read off the rows: (subject, row label, baseline,
