@@ -125,6 +125,11 @@ class LinearFunction(torch.autograd.Function):
             return (grad_input if needs_input else None, None,
                     grad_bias if (needs_bias and not accumulate_bias and ctx.has_bias) else None,
                     None, None, None)
+        # .grad goes on the leaf that the engine's AccumulateGrad node holds: under
+        # saved_tensors_hooks (save_on_cpu, offloading) the saved weight is another tensor object.
+        weight = ctx.accumulate_nodes[0].variable
+        if accumulate_bias:
+            bias = ctx.accumulate_nodes[1].variable
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         grad_bias_buffer = None
