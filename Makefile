@@ -21,7 +21,8 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -qq --upgrade pip
 	$(PIP) install -qq "$(TORCH_SPEC)" numpy scikit-build-core pybind11 ninja cmake \
-		pytest hypothesis expecttest matplotlib tqdm nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+		pytest hypothesis expecttest matplotlib tqdm nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm \
+		"transformers>=5.24,<6" mlxtend scikit-learn
 	touch $@
 
 venv: $(VENV)/.deps

@@ -356,6 +356,31 @@ def test_accumulate_grad_optimizer_in_backward(backend_one_order):
         torch.testing.assert_close(p_ours, p_theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("hooks", ["saved_tensors_hooks", "save_on_cpu"])
+def test_accumulate_grad_under_saved_tensors_hooks(hooks):
+    # The saved weight is unpacked as another tensor object: .grad must still reach the parameter.
+    layer = chainrule.nn.Linear(4, 3, activation="gelu", accumulate_grad=True)
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 4)
+    context = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+               if hooks == "saved_tensors_hooks" else torch.autograd.graph.save_on_cpu())
+    for _ in range(2):
+        with context:
+            y = layer(x)
+        y.sum().backward()
+        torch.nn.functional.gelu(reference(x)).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
+
+
+def test_accumulate_grad_refuses_gradient_hooks():
+    layer = chainrule.nn.Linear(4, 3, accumulate_grad=True)
+    layer.weight.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(RuntimeError, match=r"chainrule.functional.linear: accumulate_grad=True .*hooks"):
+        layer(torch.randn(2, 4))
+
+
 def test_create_graph_double_backward(backend):
     x, w, b = make_inputs((3, 4), 2, torch.float64, backend.device)
     y = linear(x, w, b, "silu")

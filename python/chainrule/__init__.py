@@ -7,6 +7,7 @@ Layers, each usable on its own:
     chainrule.nn.Linear          a drop-in torch.nn.Linear
     chainrule.optim.Adam/AdamW   drop-in torch.optim.Adam / AdamW
     chainrule.backends           backend selection (emulated_cuda)
+    chainrule.convert            an existing model's nn.Linear layers -> chainrule.nn.Linear
 """
 import torch  # noqa: F401  (loads libtorch before our extension)
 
@@ -14,6 +15,7 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import ops  # noqa: F401  (registers the fake kernels)
 from . import backends, functional, nn, optim
 from .functional import LinearFunction
+from .convert import ConversionReport, convert  # noqa: E402  (the function shadows the module)
 
 __version__ = _C.build_info()["version"]
 
@@ -28,9 +30,11 @@ def build_info() -> dict:
 
 __all__ = [
     "ACTIVATIONS",
+    "ConversionReport",
     "LinearFunction",
     "backends",
     "build_info",
+    "convert",
     "functional",
     "nn",
     "ops",

@@ -128,6 +128,11 @@ class LinearFunction(torch.autograd.Function):
             return (grad_input if needs_input else None, None,
                     grad_bias if (needs_bias and not accumulate_bias and ctx.has_bias) else None,
                     None, None, None)
+        # .grad goes on the leaf that the engine's AccumulateGrad node holds: under
+        # saved_tensors_hooks (save_on_cpu, offloading) the saved weight is another tensor object.
+        weight = ctx.accumulate_nodes[0].variable
+        if accumulate_bias:
+            bias = ctx.accumulate_nodes[1].variable
         grad_weight_buffer = _accumulation_buffer(weight)
         if grad_weight_buffer is None:
             # Nothing to add into: the fresh dW goes to autograd, which installs it as .grad.
