@@ -3,6 +3,10 @@
 #   make bench       the same set-up, then the benchmark suite in quick mode (< 10 minutes)
 #   make bench-full  every benchmark at every size
 #   make dev         fast in-tree rebuild for development: build/dev, _C copied into python/chainrule
+#   make test-torch TORCH_SPEC=torch==2.6.0   the suite against another torch, in its own
+#                    environment (.venv-torch-2.6.0) and build folder (build/torch-2.6.0)
+#   make gpu-check   on a GPU machine with torch installed (no network needed): build for its GPU,
+#                    run the CUDA checks, report in $(GPU_CHECK_DIR) (README.md, "GPU check")
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
@@ -14,8 +18,11 @@ CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ _HE
 export CUDA_HOME
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 PYTEST_ARGS ?=
+# Where pip builds (scikit-build-core's build-dir); empty: pyproject.toml's build/{wheel_tag}.
+BUILD_DIR ?=
+GPU_CHECK_DIR ?= gpu-check-report
 
-.PHONY: test bench bench-full install venv dev clean
+.PHONY: test bench bench-full install venv dev clean test-torch gpu-check
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +36,8 @@ venv: $(VENV)/.deps
 
 install: venv
 	@echo "chainrule: building with CUDA_HOME=$(CUDA_HOME)"
-	time $(PIP) install -qq --no-build-isolation --no-deps .
+	time $(PIP) install -qq --no-build-isolation --no-deps \
+		$(if $(BUILD_DIR),--config-settings=build-dir=$(BUILD_DIR)) .
 
 test: install
 	cd tests && time $(PY) -m pytest -q -ra $(PYTEST_ARGS) .
@@ -39,6 +47,15 @@ bench: install
 
 bench-full: install
 	$(PY) benchmarks/run_all.py
+
+TORCH_TAG = $(subst torch==,,$(TORCH_SPEC))
+test-torch:
+	$(MAKE) test VENV=.venv-torch-$(TORCH_TAG) TORCH_SPEC="$(TORCH_SPEC)" \
+		BUILD_DIR=build/torch-$(TORCH_TAG)
+
+# Uses the python on PATH (or PYTHON=...), whose torch must see the GPU; builds into build/gpu-check.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --report-dir $(GPU_CHECK_DIR) --jobs $(JOBS)
 
 dev: venv
 	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \

@@ -8,6 +8,7 @@
 #if CHAINRULE_WITH_EMULATOR && __has_include("emu/emu.h")
 #define CHAINRULE_EMULATOR_HOOKS 1
 #include "emu/emu.h"
+#include "emulated/hooks.h"
 #else
 #define CHAINRULE_EMULATOR_HOOKS 0
 #endif
@@ -77,6 +78,7 @@ PYBIND11_MODULE(_C, m) {
     }
     chainrule::emu::set_schedule(schedule, seed);
   });
+  chainrule::emulated::add_python_hooks(m);
   m.def("_emu_get_schedule", [] {
     const char* names[] = {"forward", "reverse", "random"};
     return pybind11::make_tuple(names[static_cast<int>(chainrule::emu::schedule())],

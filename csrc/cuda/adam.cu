@@ -4,6 +4,7 @@
 // only picks the grid for the device and launches on the current stream. The op's arguments
 // were validated by the shared checks before the dispatcher got here.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <torch/library.h>
@@ -38,7 +39,18 @@ void run(const adam_plan::AdamArgs& args) {
     cached_blocks = max_resident_blocks<float>();
     cached_device = device;
   }
-  for (const adam_plan::Launch& launch : adam_plan::plan(args, cached_blocks)) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  for (const adam_plan::Launch& launch :
+       adam_plan::plan(args, cached_blocks, capture != cudaStreamCaptureStatusNone)) {
+    // The cached buffer may have been allocated on another stream: the allocator must not hand
+    // its memory out again before this stream's kernels are done with it.
+    c10::cuda::CUDACachingAllocator::recordStream(launch.buffer.storage().data_ptr(),
+                                                  at::cuda::getCurrentCUDAStream());
+    for (const k::ByteUpload& upload : launch.uploads) {
+      k::upload_bytes_kernel<k::ByteUpload><<<1, k::kThreads, 0, stream>>>(upload);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (launch.double_math) {
       k::multi_tensor_adam_kernel<double><<<launch.grid, k::kThreads, 0, stream>>>(launch.params);
     } else {

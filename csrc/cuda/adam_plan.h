@@ -3,18 +3,28 @@
 // (csrc/emulated/adam.cpp, chainrule::emu::launch).
 //
 // The planner turns the op's tensor lists into the kernel's metadata buffer on the params'
-// device: one TensorMeta per tensor, the chunk prefix sums, the gradient addresses and the
-// blocks' completion counter. The buffer is cached, keyed by everything it contains except the
-// gradient addresses, so a training loop uploads it once; the gradient addresses (which change
-// whenever .grad is re-allocated, e.g. after zero_grad(set_to_none=True)) are compared on every
-// call and re-uploaded only when they differ. The planner never reads a device value (steps,
-// lr, grad_scale and found_inf are read by the kernel), which is what makes capturable=True work.
+// device: one TensorMeta per tensor, the chunk prefix sums and the gradient addresses. The buffer
+// is cached, keyed by everything it contains except the gradient addresses, so a training loop
+// uploads it once; the gradient addresses (which change whenever .grad is re-allocated, e.g.
+// after zero_grad(set_to_none=True)) are compared on every call and re-uploaded only when they
+// differ. The planner never reads a device value (steps, lr, grad_scale and found_inf are read
+// by the kernel).
 //
-// Not safe for the same parameter set stepped concurrently on two streams (one counter per
-// cached buffer); optimizers do not do that.
+// Lifetime: a cache entry lives as long as every tensor it describes (it holds weak references to
+// their storages) and is dropped after one of them is freed; there is no size bound, so a captured
+// CUDA graph that reads an entry's buffer can never see it freed by other parameter sets, and any
+// number of (param group x dtype) sets stay cached.
+//
+// CUDA graphs: while the stream is capturing, nothing goes through host memory (a captured copy
+// would read the pinned staging buffer at replay, long after it was freed): uploads travel in the
+// parameters of small copy kernels (Launch::uploads), which the graph keeps.
+//
+// Each launch gets its own zeroed completion counter, so launches on two streams, or after a
+// launch that failed part-way, never share one.
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -22,6 +32,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include "cuda/kernels/adam.cuh"
 
@@ -93,8 +104,24 @@ struct Launch {
   int grid = 0;
   bool double_math = false;  // multi_tensor_adam_kernel<double> rather than <float>
   at::Tensor buffer;         // keeps the metadata alive while the launch is prepared
+  at::Tensor counter;        // this launch's completion counter, zeroed in stream order
   at::Tensor lr_float;       // a bfloat16/float16 lr tensor widened to float32 on its device
+  // While capturing: copies into the buffer that k::upload_bytes_kernel makes before the step
+  // kernel, one launch each, in order.
+  std::vector<k::ByteUpload> uploads;
 };
+
+// Counters for the tests (chainrule._C._adam_plan_stats).
+struct Stats {
+  std::atomic<int64_t> metadata_uploads{0};  // whole buffers written (a new cache entry)
+  std::atomic<int64_t> gradient_uploads{0};  // gradient-address regions rewritten
+  std::atomic<int64_t> staged_uploads{0};    // of those, copies through pinned host memory
+  std::atomic<int64_t> kernel_uploads{0};    // of those, copies in kernel parameters (capture)
+};
+inline Stats& stats() {
+  static Stats s;
+  return s;
+}
 
 inline k::ParamDtype param_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -112,26 +139,30 @@ inline int64_t align16(int64_t bytes) { return (bytes + 15) & ~int64_t{15}; }
 
 // Byte offsets of the regions of one metadata buffer for n tensors.
 struct Layout {
-  int64_t tensors = 0, chunk_starts = 0, grads = 0, counter = 0, total = 0;
+  int64_t tensors = 0, chunk_starts = 0, grads = 0, total = 0;
   explicit Layout(int64_t n) {
     tensors = 0;
     chunk_starts = align16(n * static_cast<int64_t>(sizeof(k::TensorMeta)));
     grads = chunk_starts + align16((n + 1) * static_cast<int64_t>(sizeof(int64_t)));
-    counter = grads + align16(n * static_cast<int64_t>(sizeof(void*)));
-    total = counter + 16;
+    total = grads + align16(n * static_cast<int64_t>(sizeof(void*)));
   }
 };
 
 struct CacheEntry {
   std::vector<uint64_t> key;  // device, then per tensor: addresses, numel, dtype
+  // The storages of every tensor in the key: the entry is dropped once one of them is freed.
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
   std::vector<const void*> grads;
   at::Tensor buffer;          // on the params' device
   int64_t num_chunks = 0;
-};
 
-// A few parameter sets (one per param group and dtype) stay cached; the least recently used
-// one is dropped beyond that.
-constexpr size_t kCacheEntries = 16;
+  bool alive() const {
+    for (const auto& storage : storages) {
+      if (storage.expired()) return false;
+    }
+    return true;
+  }
+};
 
 inline std::mutex& cache_mutex() {
   static std::mutex mutex;
@@ -142,14 +173,50 @@ inline std::list<CacheEntry>& cache() {
   return entries;
 }
 
+// Cached parameter sets (for the tests).
+inline size_t cache_size() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return cache().size();
+}
+
 inline at::Tensor host_staging(int64_t bytes, const at::Device& device) {
   return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(device.is_cuda()));
 }
 
+// Writes `bytes` of `source` at `offset` into the device buffer: through pinned memory and an
+// asynchronous copy normally, in copy kernels' parameters while the stream is capturing.
+inline void upload(Launch& launch, const at::Tensor& buffer, int64_t offset, const void* source,
+                   int64_t bytes, bool capturing) {
+  if (bytes == 0) return;
+  if (capturing) {
+    stats().kernel_uploads.fetch_add(1);
+    auto* destination = static_cast<uint8_t*>(buffer.data_ptr()) + offset;
+    for (int64_t done = 0; done < bytes; done += k::ByteUpload::kCapacity) {
+      k::ByteUpload piece{};
+      piece.destination = destination + done;
+      piece.bytes = static_cast<int32_t>(std::min<int64_t>(k::ByteUpload::kCapacity, bytes - done));
+      std::memcpy(piece.data, static_cast<const uint8_t*>(source) + done, piece.bytes);
+      launch.uploads.push_back(piece);
+    }
+    return;
+  }
+  stats().staged_uploads.fetch_add(1);
+  at::Tensor staging = host_staging(bytes, buffer.device());
+  std::memcpy(staging.data_ptr(), source, bytes);
+  buffer.narrow(0, offset, bytes).copy_(staging, /*non_blocking=*/true);
+}
+
+inline void add_storage(std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>>& storages,
+                        const at::Tensor& t) {
+  storages.push_back(t.storage().getWeakStorageImpl());
+}
+
 // Plans the launch for the tensors listed in `indices` (all of them float-math or all
-// double-math). max_blocks: how many blocks the device runs at once.
+// double-math). max_blocks: how many blocks the device runs at once; capturing: whether the
+// current stream is capturing a CUDA graph.
 inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices, bool double_math,
-                          bool step_is_double, int max_blocks) {
+                          bool step_is_double, int max_blocks, bool capturing) {
+  Launch launch;
   const int64_t n = static_cast<int64_t>(indices.size());
   const bool amsgrad = a.options.amsgrad;
   const bool has_master = !a.master_params.empty();
@@ -173,6 +240,17 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
     grads[j] = a.grads[i].data_ptr();
   }
 
+  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storages;
+  storages.reserve(6 * n);
+  for (const int64_t i : indices) {
+    add_storage(storages, a.params[i]);
+    add_storage(storages, a.exp_avgs[i]);
+    add_storage(storages, a.exp_avg_sqs[i]);
+    if (amsgrad) add_storage(storages, a.max_exp_avg_sqs[i]);
+    if (has_master) add_storage(storages, a.master_params[i]);
+    add_storage(storages, a.state_steps[i]);
+  }
+
   const Layout layout(n);
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& entries = cache();
@@ -183,16 +261,21 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
   if (hit != entries.end()) {
     entries.splice(entries.begin(), entries, hit);  // most recently used first
     CacheEntry& entry = entries.front();
+    // The same addresses may now belong to new tensors (the allocator reuses memory): the entry
+    // follows the tensors it is used for.
+    entry.storages = std::move(storages);
     if (std::memcmp(entry.grads.data(), grads.data(), n * sizeof(void*)) != 0) {
-      at::Tensor staging = host_staging(n * static_cast<int64_t>(sizeof(void*)), device);
-      std::memcpy(staging.data_ptr(), grads.data(), n * sizeof(void*));
-      entry.buffer.narrow(0, layout.grads, staging.numel()).copy_(staging, /*non_blocking=*/true);
+      stats().gradient_uploads.fetch_add(1);
+      upload(launch, entry.buffer, layout.grads, grads.data(),
+             n * static_cast<int64_t>(sizeof(void*)), capturing);
       entry.grads = grads;
     }
   } else {
-    at::Tensor staging = host_staging(layout.total, device);
-    auto* base = static_cast<uint8_t*>(staging.data_ptr());
-    std::memset(base, 0, layout.total);
+    // Entries of freed tensors go; their addresses cannot be stepped again.
+    entries.remove_if([](const CacheEntry& e) { return !e.alive(); });
+    stats().metadata_uploads.fetch_add(1);
+    std::vector<uint8_t> staging(layout.total, 0);
+    auto* base = staging.data();
     auto* metas = reinterpret_cast<k::TensorMeta*>(base + layout.tensors);
     auto* chunk_starts = reinterpret_cast<int64_t*>(base + layout.chunk_starts);
     int64_t chunks = 0;
@@ -214,24 +297,24 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
     std::memcpy(base + layout.grads, grads.data(), n * sizeof(void*));
     CacheEntry entry;
     entry.key = std::move(key);
+    entry.storages = std::move(storages);
     entry.grads = std::move(grads);
     entry.num_chunks = chunks;
     entry.buffer = at::empty({layout.total}, at::TensorOptions().dtype(at::kByte).device(device));
-    entry.buffer.copy_(staging, /*non_blocking=*/true);
+    upload(launch, entry.buffer, 0, base, layout.total, capturing);
     entries.push_front(std::move(entry));
-    if (entries.size() > kCacheEntries) entries.pop_back();
   }
   const CacheEntry& entry = entries.front();
 
-  Launch launch;
   launch.buffer = entry.buffer;
+  launch.counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
   launch.double_math = double_math;
   auto* base = static_cast<uint8_t*>(entry.buffer.data_ptr());
   k::KernelParams& p = launch.params;
   p.tensors = reinterpret_cast<const k::TensorMeta*>(base + layout.tensors);
   p.chunk_starts = reinterpret_cast<const int64_t*>(base + layout.chunk_starts);
   p.grads = reinterpret_cast<const void* const*>(base + layout.grads);
-  p.blocks_done = reinterpret_cast<unsigned int*>(base + layout.counter);
+  p.blocks_done = static_cast<unsigned int*>(launch.counter.data_ptr());
   p.num_tensors = static_cast<int32_t>(n);
   p.num_chunks = entry.num_chunks;
   p.options = a.options;
@@ -263,7 +346,7 @@ inline Launch plan_subset(const AdamArgs& a, const std::vector<int64_t>& indices
 
 // The launches for one op call: at most two (float math for float32/bfloat16/float16 params,
 // double math for float64 params), none when there is nothing to update.
-inline std::vector<Launch> plan(const AdamArgs& a, int max_blocks) {
+inline std::vector<Launch> plan(const AdamArgs& a, int max_blocks, bool capturing) {
   const int64_t n = static_cast<int64_t>(a.params.size());
   std::vector<Launch> launches;
   if (n == 0) return launches;
@@ -285,10 +368,12 @@ inline std::vector<Launch> plan(const AdamArgs& a, int max_blocks) {
     (param.scalar_type() == at::kDouble ? double_indices : float_indices).push_back(i);
   }
   if (!float_indices.empty()) {
-    launches.push_back(plan_subset(a, float_indices, false, step_dtype == at::kDouble, max_blocks));
+    launches.push_back(plan_subset(a, float_indices, false, step_dtype == at::kDouble, max_blocks,
+                                   capturing));
   }
   if (!double_indices.empty()) {
-    launches.push_back(plan_subset(a, double_indices, true, step_dtype == at::kDouble, max_blocks));
+    launches.push_back(plan_subset(a, double_indices, true, step_dtype == at::kDouble, max_blocks,
+                                   capturing));
   }
   return launches;
 }

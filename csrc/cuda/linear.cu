@@ -23,6 +23,12 @@ struct CudaLauncher {
   template <typename Params>
   void operator()(const char* /*name*/, void (*kernel)(Params), dim3 grid, dim3 block,
                   size_t smem_bytes, const Params& params) const {
+    // More than 48 KiB of dynamic shared memory needs the kernel's opt-in (CUDA C++ Programming
+    // Guide, "Shared Memory"); the emulator refuses such a launch without it too.
+    if (smem_bytes > linear_plan::kDefaultMaxDynamicSharedBytes) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+    }
     kernel<<<grid, block, smem_bytes, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -38,6 +38,10 @@ enum class GemmRole {
   grad_weight,  // dW (+)= dZ^T . X   A = dZ MN-major, B = X MN-major
 };
 
+// Dynamic shared memory a kernel may use without opting in (cudaFuncSetAttribute); the
+// launchers opt in above it.
+constexpr size_t kDefaultMaxDynamicSharedBytes = 48 * 1024;
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Kernel names as launches report them (emulator errors, the build test): family<element type>.
@@ -100,18 +104,25 @@ inline SplitK plan_split_k(DType dtype, GemmRole role, int64_t m, int64_t n, int
   return {static_cast<int>((k + k_per_split - 1) / k_per_split), static_cast<int>(k_per_split)};
 }
 
+// Every output tile along x (kernels::block_tile_origin numbers them), k-slices along z. x
+// allows 2^31 - 1 blocks: more tiles than that would be an output of over 2^45 elements.
+inline dim3 gemm_grid(const GemmParams& p, int block_m, int block_n) {
+  const int64_t tiles = int64_t{ceil_div(p.m, block_m)} * ceil_div(p.n, block_n);
+  return dim3(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(p.splits));
+}
+
 template <typename T, Major kAMajor, Major kBMajor, Activation A, kernels::Store kStore,
           class Launcher>
 void launch_gemm_kernel(Launcher& launch, const GemmParams& p) {
   if constexpr (!uses_tensor_cores<T>) {
     using Config = kernels::SimtConfig<T>;
-    const dim3 grid(ceil_div(p.m, Config::kBlockM), ceil_div(p.n, Config::kBlockN), p.splits);
+    const dim3 grid = gemm_grid(p, Config::kBlockM, Config::kBlockN);
     launch(CHAINRULE_KERNEL_NAME("linear_gemm_simt_kernel"),
            &kernels::linear_gemm_simt_kernel<T, kAMajor, kBMajor, A, kStore>, grid,
            dim3(Config::kThreads), static_cast<size_t>(Config::kSmemBytes), p);
   } else {
     using Tile = kernels::TensorCoreTile;
-    const dim3 grid(ceil_div(p.m, Tile::kBlockM), ceil_div(p.n, Tile::kBlockN), p.splits);
+    const dim3 grid = gemm_grid(p, Tile::kBlockM, Tile::kBlockN);
     launch(CHAINRULE_KERNEL_NAME("linear_gemm_tensor_core_kernel"),
            &kernels::linear_gemm_tensor_core_kernel<T, kAMajor, kBMajor, A, kStore>, grid,
            dim3(Tile::kThreads), static_cast<size_t>(Tile::kSmemBytes), p);

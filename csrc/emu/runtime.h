@@ -24,6 +24,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -86,7 +87,11 @@ enum class Schedule { forward, reverse, random };
 
 // Limits of the targets (sm_80 / sm_90), checked at launch.
 inline constexpr unsigned kMaxThreadsPerBlock = 1024;
-inline constexpr size_t kMaxDynamicSharedBytes = 227 * 1024;  // sm_90 opt-in maximum
+// Dynamic shared memory: 48 KiB unless the kernel opted in, as on a GPU, with
+// set_max_dynamic_shared_memory (cudaFuncSetAttribute(kernel,
+// cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)); at most 227 KiB (sm_90) after opting in.
+inline constexpr size_t kDefaultMaxDynamicSharedBytes = 48 * 1024;
+inline constexpr size_t kMaxDynamicSharedBytes = 227 * 1024;
 // Kernel parameters: CUDA >= 12.1 on Volta+ accepts 32764 bytes, older drivers and toolkits 4096.
 // Our kernels take one small Params struct, so we hold them to the portable 4 KiB.
 inline constexpr size_t kMaxKernelParamBytes = 4096;
@@ -286,6 +291,7 @@ struct BlockRun {
 
 struct LaunchShared {
   const char* kernel_name;
+  const void* kernel_address;  // the kernel function, the key of its shared-memory opt-in
   dim3 grid;
   dim3 block;
   size_t dynamic_smem_bytes;
@@ -806,6 +812,24 @@ inline void run_block(Worker& worker, const LaunchShared& launch, uint64_t block
   t_block = nullptr;
 }
 
+// Per kernel function: the dynamic shared memory it opted in to (process-wide, as the CUDA
+// attribute is per function and context).
+struct SharedMemoryOptIns {
+  std::mutex mutex;
+  std::unordered_map<const void*, size_t> bytes;
+};
+inline SharedMemoryOptIns& shared_memory_opt_ins() {
+  static SharedMemoryOptIns opt_ins;
+  return opt_ins;
+}
+
+inline size_t max_dynamic_shared_bytes(const void* kernel) {
+  auto& opt_ins = shared_memory_opt_ins();
+  std::lock_guard<std::mutex> lock(opt_ins.mutex);
+  const auto found = opt_ins.bytes.find(kernel);
+  return found == opt_ins.bytes.end() ? kDefaultMaxDynamicSharedBytes : found->second;
+}
+
 inline void check_launch(const LaunchShared& launch) {
   const dim3 g = launch.grid, b = launch.block;
   const std::string name = "chainrule::emu::launch('" + std::string(launch.kernel_name) + "'): ";
@@ -813,9 +837,14 @@ inline void check_launch(const LaunchShared& launch) {
     throw Error(name + "invalid block " + format_dim(b) + " (at most 1024 threads, z <= 64)");
   if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535)
     throw Error(name + "invalid grid " + format_dim(g));
-  if (launch.dynamic_smem_bytes > kMaxDynamicSharedBytes)
+  const size_t limit = max_dynamic_shared_bytes(launch.kernel_address);
+  if (launch.dynamic_smem_bytes > limit)
     throw Error(name + std::to_string(launch.dynamic_smem_bytes) + " bytes of dynamic shared memory exceed the " +
-                std::to_string(kMaxDynamicSharedBytes) + "-byte limit of sm_90");
+                std::to_string(limit) + "-byte limit" +
+                (limit == kDefaultMaxDynamicSharedBytes
+                     ? std::string(" of a kernel that did not opt in (cudaFuncSetAttribute, "
+                                   "chainrule::emu::set_max_dynamic_shared_memory)")
+                     : std::string(" this kernel opted in to")));
 }
 
 inline void launch_erased(const LaunchShared& launch) {
@@ -893,6 +922,18 @@ inline uint64_t schedule_seed() { return detail::schedule_setting().seed.load();
 
 inline uint64_t launch_count() { return detail::g_launch_count.load(); }
 
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): lets later
+// launches of `kernel` use up to `bytes` of dynamic shared memory (48 KiB without it).
+template <typename... Params>
+void set_max_dynamic_shared_memory(void (*kernel)(Params...), size_t bytes) {
+  if (bytes > kMaxDynamicSharedBytes)
+    throw Error("chainrule::emu::set_max_dynamic_shared_memory: " + std::to_string(bytes) +
+                " bytes exceed the " + std::to_string(kMaxDynamicSharedBytes) + "-byte maximum of sm_90");
+  auto& opt_ins = detail::shared_memory_opt_ins();
+  std::lock_guard<std::mutex> lock(opt_ins.mutex);
+  opt_ins.bytes[reinterpret_cast<const void*>(kernel)] = bytes;
+}
+
 // Runs kernel<<<grid, block, dynamic_smem_bytes>>>(args...) on the CPU and returns when it is done.
 // Arguments convert to the kernel's parameter types as in a CUDA launch; each CUDA thread gets its
 // own copy.
@@ -913,6 +954,7 @@ void launch(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 
   const Invocation invocation{kernel, Tuple(std::forward<Args>(args)...)};
   detail::LaunchShared shared{};
   shared.kernel_name = kernel_name;
+  shared.kernel_address = reinterpret_cast<const void*>(kernel);
   shared.grid = grid;
   shared.block = block;
   shared.dynamic_smem_bytes = dynamic_smem_bytes;

@@ -15,6 +15,11 @@ struct EmulatedLauncher {
   template <typename Params>
   void operator()(const char* name, void (*kernel)(Params), dim3 grid, dim3 block,
                   size_t smem_bytes, const Params& params) const {
+    // The twin of csrc/cuda/linear.cu's opt-in; the emulator, like a GPU, refuses a launch over
+    // 48 KiB without it.
+    if (smem_bytes > linear_plan::kDefaultMaxDynamicSharedBytes) {
+      emu::set_max_dynamic_shared_memory(kernel, smem_bytes);
+    }
     emu::launch(name, kernel, grid, block, smem_bytes, params);
   }
 };

@@ -7,9 +7,12 @@ stored tensors, both converted on load in either direction as torch and chainrul
   * for bfloat16/float16 parameters the moments are float32, and with master_weights=True a
     float32 copy of the parameter is kept under the extra key "master_param" (torch ignores it).
 
-The step never reads a tensor on the host: lr may be a tensor, and GradScaler's grad_scale and
-found_inf are consumed inside the kernel (a step with found_inf != 0 changes nothing, its step
-count included). capturable is accepted for torch's signature; the kernels are always capturable.
+The step never reads a device tensor on the host: lr may be a tensor, and GradScaler's grad_scale
+and found_inf are consumed inside the kernel (a step with found_inf != 0 changes nothing, its step
+count included). A step can be captured in a CUDA graph (capturable is accepted for torch's
+signature and changes nothing); an lr tensor on the CPU is read on the host, as torch's fused
+Adam does, so a captured graph keeps the value it had at capture: put lr on the device to change
+it between replays.
 """
 from __future__ import annotations
 
@@ -163,7 +166,9 @@ class Adam(torch.optim.Optimizer):
             for (device, _), lists in calls.items():
                 lr = distributed.local_scalar(group["lr"])
                 if isinstance(lr, Tensor) and lr.device != device:
-                    lr = lr.to(device)
+                    # A CPU lr is read on the host: a copy to the device each step would be a
+                    # host synchronisation, and an error under CUDA graph capture.
+                    lr = float(lr) if lr.device.type == "cpu" else lr.to(device)
                 ops.adam_(
                     lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
                     lists["max_exp_avg_sqs"], lists["state_steps"], lists["master_params"],

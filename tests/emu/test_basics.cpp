@@ -156,6 +156,36 @@ TEST(basics_launch_limits) {
   CHECK_EQ(out[511], 511.0f);
 }
 
+// A GPU launches a kernel with more than 48 KiB of dynamic shared memory only after
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); so must the
+// emulator, or a kernel that forgets the opt-in passes here and fails on the device.
+__global__ void fills_dynamic_shared(int bytes, int* out) {
+  unsigned char* smem = chainrule::port::dynamic_shared<unsigned char>();
+  for (int i = static_cast<int>(threadIdx.x); i < bytes; i += static_cast<int>(blockDim.x)) smem[i] = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int sum = 0;
+    for (int i = 0; i < bytes; ++i) sum += smem[i];
+    *out = sum;
+  }
+}
+
+TEST(basics_dynamic_shared_memory_opt_in) {
+  int out = 0;
+  emu::launch("fills_dynamic_shared", fills_dynamic_shared, dim3(1), dim3(64), 48 * 1024, 48 * 1024, &out);
+  CHECK_EQ(out, 48 * 1024);
+  CHECK_THROWS(emu::launch("fills_dynamic_shared", fills_dynamic_shared, dim3(1), dim3(64), 48 * 1024 + 16,
+                           48 * 1024 + 16, &out),
+               "fills_dynamic_shared", "did not opt in");
+  CHECK_THROWS(emu::set_max_dynamic_shared_memory(fills_dynamic_shared, 228 * 1024), "maximum of sm_90");
+  emu::set_max_dynamic_shared_memory(fills_dynamic_shared, 100 * 1024);
+  emu::launch("fills_dynamic_shared", fills_dynamic_shared, dim3(1), dim3(64), 100 * 1024, 100 * 1024, &out);
+  CHECK_EQ(out, 100 * 1024);
+  CHECK_THROWS(emu::launch("fills_dynamic_shared", fills_dynamic_shared, dim3(1), dim3(64), 100 * 1024 + 16,
+                           100 * 1024 + 16, &out),
+               "opted in to");
+}
+
 TEST(basics_schedule_orders) {
   std::vector<int> ticket(128);
   int counter = 0;

@@ -18,8 +18,9 @@
 //   * found_inf, grad_scale, lr (optionally a tensor) and the per-tensor step counts are read on
 //     the device: the launcher never reads a device value, so a step can be captured in a CUDA
 //     graph (capturable=True);
-//   * the step counts are advanced by the last block to finish (a completion counter in the same
-//     buffer): every block reads step + 1 before any step changes, all in one launch.
+//   * the step counts are advanced by the last block to finish (a completion counter that the
+//     launcher allocates zeroed for each launch): every block reads step + 1 before any step
+//     changes, all in one launch.
 //
 // Bytes moved per parameter and the expected time on an H100: ARCHITECTURE.md, "Adam kernels".
 #pragma once
@@ -59,7 +60,7 @@ struct KernelParams {
   const TensorMeta* tensors;     // num_tensors entries, cached across steps
   const int64_t* chunk_starts;   // num_tensors + 1 prefix sums of chunks per tensor
   const void* const* grads;      // num_tensors gradient addresses (re-uploaded when they change)
-  unsigned int* blocks_done;     // completion counter; 0 between launches (the last block resets it)
+  unsigned int* blocks_done;     // completion counter, zero at launch, one per launch
   int32_t num_tensors;
   int64_t num_chunks;
   AdamOptions options;
@@ -325,7 +326,25 @@ __global__ void __launch_bounds__(kThreads, sizeof(Math) == sizeof(float) ? 3 : 
       *static_cast<float*>(step) += 1.0f;
     }
   }
-  if (threadIdx.x == 0) *p.blocks_done = 0u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata uploads while a CUDA graph is captured: the bytes travel in the kernel's parameters,
+// which the graph keeps, instead of in host memory that a captured copy would read at replay.
+
+struct ByteUpload {
+  static constexpr int kCapacity = 4096 - 64;  // under the 4 KiB parameter limit
+  uint8_t* destination;
+  int32_t bytes;
+  uint8_t data[kCapacity];
+};
+
+// A template only so that the header can define it in every translation unit.
+template <typename Upload = ByteUpload>
+__global__ void __launch_bounds__(kThreads) upload_bytes_kernel(Upload u) {
+  for (int i = static_cast<int>(threadIdx.x); i < u.bytes; i += static_cast<int>(blockDim.x)) {
+    u.destination[i] = u.data[i];
+  }
 }
 
 }  // namespace chainrule::kernels::adam

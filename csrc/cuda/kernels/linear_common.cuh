@@ -93,6 +93,16 @@ struct GemmParams {
   bool output_pairs_aligned; // c, pre_activation, ldc, ld_pre allow 2-element stores
 };
 
+// The output tile of this block. Tiles are numbered along gridDim.x alone, M fastest (the launch
+// order of an (M tiles, N tiles) grid): gridDim.y allows only 65535 blocks, which would cap N at
+// 65535 * block_n (8.4M for 128-wide tiles), while gridDim.x allows 2^31 - 1.
+__device__ __forceinline__ void block_tile_origin(const GemmParams& p, int block_m, int block_n,
+                                                  int& m0, int& n0) {
+  const unsigned tiles_m = static_cast<unsigned>((p.m + block_m - 1) / block_m);
+  m0 = static_cast<int>(blockIdx.x % tiles_m) * block_m;
+  n0 = static_cast<int>(blockIdx.x / tiles_m) * block_n;
+}
+
 // What a GEMM's epilogue does with its accumulators (a template constant).
 enum class Store : int {
   output = 0,      // Z = round(acc + bias); C = round(act(Z)); Z stored when asked

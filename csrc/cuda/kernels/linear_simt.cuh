@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(SimtConfig<T>::kThreads, SimtConfig<T>::kMinBl
   T* smem = port::dynamic_shared<T>();
   const int tx = static_cast<int>(threadIdx.x) % (Config::kBlockN / TN);
   const int ty = static_cast<int>(threadIdx.x) / (Config::kBlockN / TN);
-  const int m0 = static_cast<int>(blockIdx.x) * Config::kBlockM;
-  const int n0 = static_cast<int>(blockIdx.y) * Config::kBlockN;
+  int m0, n0;
+  block_tile_origin(p, Config::kBlockM, Config::kBlockN, m0, n0);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
 

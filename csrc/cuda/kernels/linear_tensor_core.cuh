@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(TensorCoreTile::kThreads, TensorCoreTile::kMin
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int warp_m = warp / Tile::kWarpsN;
   const int warp_n = warp % Tile::kWarpsN;
-  const int m0 = static_cast<int>(blockIdx.x) * Tile::kBlockM;
-  const int n0 = static_cast<int>(blockIdx.y) * Tile::kBlockN;
+  int m0, n0;
+  block_tile_origin(p, Tile::kBlockM, Tile::kBlockN, m0, n0);
   const uint16_t* a = static_cast<const uint16_t*>(p.a);
   const uint16_t* b = static_cast<const uint16_t*>(p.b);
 
