@@ -70,7 +70,8 @@ def test_wrapper_prefix_as_cuda_home_builds_cpu_only(tmp_path):
     wheel = _site_packages() / "nvidia" / "cu13" / "include"
     if (wheel / "cuda_fp16.h").exists() and not (wheel / "crt" / "host_defines.h").exists():
         # The real-world case: the pip wheel's cuda_fp16.h without its crt/ headers.
-        assert f"{wheel} lacks crt/host_defines.h (included by cuda_fp16.h)" in missing[0]
+        assert re.search(rf"{re.escape(str(wheel))} lacks crt/host_defines.h \(included by \w+\.h\)",
+                         missing[0]), missing[0]
     assert not cuda and not emulator
 
 
@@ -87,7 +88,7 @@ def test_headers_without_crt_are_named(tmp_path):
     lines, emulator, cuda = configure(tmp_path, home)
     missing = [line for line in lines if "no complete CUDA headers" in line]
     assert len(missing) == 1, lines
-    assert re.search(rf"{re.escape(str(home))}/include lacks [\w/]+\.h \(included by cuda_\w+\.h\)",
+    assert re.search(rf"{re.escape(str(home))}/include lacks [\w/]+\.h \(included by \w+\.h\)",
                      missing[0]), missing[0]
     assert not emulator and not cuda
 
