@@ -1,9 +1,11 @@
 // Wraps a backend's op functions (ops.h) with the shared argument checks, so every device
-// registration validates its inputs the same way:
+// registration validates its inputs the same way, and answers the linear ops with a zero extent
+// (empty batch, in_features or out_features = 0) itself (empty_linear.h), so no backend sees one:
 //   m.impl("linear_forward", &checked_linear_forward<&cuda::linear_forward>);
 #pragma once
 
 #include "checks.h"
+#include "empty_linear.h"
 #include "ops.h"
 
 namespace chainrule {
@@ -15,8 +17,11 @@ std::tuple<at::Tensor, at::Tensor> checked_linear_forward(const at::Tensor& inpu
                                                           std::string_view activation,
                                                           bool save_pre_activation) {
   constexpr const char* op = "chainrule.linear_forward";
-  check_activation(op, activation);
+  Activation act = check_activation(op, activation);
   check_linear_forward(op, input, weight, bias);
+  if (empty_linear::applies(input, weight)) {
+    return empty_linear::forward(input, weight, bias, act, save_pre_activation);
+  }
   return Impl(input, weight, bias, activation, save_pre_activation);
 }
 
@@ -28,6 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_linear_backward(
   constexpr const char* op = "chainrule.linear_backward";
   Activation act = check_activation(op, activation);
   check_linear_backward(op, grad_output, input, weight, pre_activation, act);
+  if (empty_linear::applies(input, weight)) {
+    return empty_linear::backward(grad_output, input, weight, pre_activation, act, has_bias,
+                                  output_mask);
+  }
   return Impl(grad_output, input, weight, pre_activation, activation, has_bias, output_mask);
 }
 
@@ -42,6 +51,10 @@ at::Tensor checked_linear_backward_accumulate(const at::Tensor& grad_output,
   Activation act = check_activation(op, activation);
   check_linear_backward(op, grad_output, input, weight, pre_activation, act);
   check_gradient_buffers(op, weight, grad_weight, grad_bias);
+  if (empty_linear::applies(input, weight)) {
+    return empty_linear::backward_accumulate(grad_output, input, weight, pre_activation, act,
+                                             compute_grad_input, grad_weight, grad_bias);
+  }
   return Impl(grad_output, input, weight, pre_activation, activation, compute_grad_input,
               grad_weight, grad_bias);
 }

@@ -41,6 +41,8 @@ AdamScalars<typename Isa::vec> broadcast(const AdamScalars<float>& s) {
   v.decay_factor = Isa::set1(s.decay_factor);
   v.weight_decay = Isa::set1(s.weight_decay);
   v.one_minus_beta1 = Isa::set1(s.one_minus_beta1);
+  v.beta1_complement_minus_one = Isa::set1(s.beta1_complement_minus_one);
+  v.exp_avg_from_grad = s.exp_avg_from_grad;
   v.one_minus_beta2 = Isa::set1(s.one_minus_beta2);
   v.beta2 = Isa::set1(s.beta2);
   v.eps = Isa::set1(s.eps);

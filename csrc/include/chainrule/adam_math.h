@@ -60,6 +60,7 @@ struct AdamScalars {
   T decay_factor;      // 1 - lr * weight_decay (AdamW), unused otherwise
   T weight_decay;      // weight_decay (Adam's L2 term), unused for AdamW
   T one_minus_beta1;
+  T beta1_complement_minus_one;  // (1 - beta1) - 1, rounded in T as torch's lerp rounds it
   T one_minus_beta2;
   T beta2;
   T eps;
@@ -69,6 +70,7 @@ struct AdamScalars {
   bool maximize;
   bool decoupled_weight_decay;
   bool has_weight_decay;
+  bool exp_avg_from_grad;  // 1 - beta1 >= 0.5: torch's lerp takes its second branch
 };
 
 // `step` is the step number after this update (1 for the first update), as torch counts it.
@@ -83,6 +85,8 @@ CHAINRULE_HOST_DEVICE AdamScalars<T> adam_scalars(const AdamOptions& o, double l
   s.decay_factor = static_cast<T>(1.0 - lr * o.weight_decay);
   s.weight_decay = static_cast<T>(o.weight_decay);
   s.one_minus_beta1 = static_cast<T>(1.0 - o.beta1);
+  s.beta1_complement_minus_one = s.one_minus_beta1 - static_cast<T>(1);
+  s.exp_avg_from_grad = !(1.0 - o.beta1 < 0.5);
   s.one_minus_beta2 = static_cast<T>(1.0 - o.beta2);
   s.beta2 = static_cast<T>(o.beta2);
   s.eps = static_cast<T>(o.eps);
@@ -112,7 +116,10 @@ CHAINRULE_HOST_DEVICE void adam_update_element(T& param, T grad, T& exp_avg, T& 
       g = math::fma(s.weight_decay, p, g);
     }
   }
-  T m = math::fma(s.one_minus_beta1, g - exp_avg, exp_avg);
+  // exp_avg.lerp_(g, 1 - beta1), both of torch's branches (aten/src/ATen/native/Lerp.h): with a
+  // weight w >= 0.5 it is g + (w - 1)(g - m), exact for beta1 = 0.
+  T m = s.exp_avg_from_grad ? math::fma(s.beta1_complement_minus_one, g - exp_avg, g)
+                            : math::fma(s.one_minus_beta1, g - exp_avg, exp_avg);
   T v = math::fma(s.one_minus_beta2 * g, g, s.beta2 * exp_avg_sq);
   T v_used = v;
   if (s.amsgrad) {
