@@ -1,6 +1,7 @@
 # chainrule: `make test` and `make bench` set everything up from nothing.
 #   make test        virtual environment + torch + build deps, build and install chainrule, run all tests
 #   make bench       the same set-up, then the benchmark suite in quick mode (< 10 minutes)
+#   make demo        the same set-up, then the MNIST example: chainrule's and torch's accuracy and time per step
 #   make bench-full  every benchmark at every size
 #   make dev         fast in-tree rebuild for development: build/dev, _C copied into python/chainrule
 #   make test-torch TORCH_SPEC=torch==2.6.0   the suite against another torch, in its own
@@ -22,7 +23,7 @@ PYTEST_ARGS ?=
 BUILD_DIR ?=
 GPU_CHECK_DIR ?= gpu-check-report
 
-.PHONY: test bench bench-full install venv dev clean test-torch gpu-check
+.PHONY: test bench bench-full demo install venv dev clean test-torch gpu-check
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ install: venv
 
 test: install
 	cd tests && time $(PY) -m pytest -q -ra $(PYTEST_ARGS) .
+
+demo: install
+	$(PY) examples/mnist_mlp.py
 
 bench: install
 	$(PY) benchmarks/run_all.py --quick
