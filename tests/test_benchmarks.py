@@ -94,8 +94,8 @@ def test_smoke_report_and_plots(smoke_run):
     report = (out / "report.md").read_text()
     assert "## Measured peaks" in report
     header = "| " + " | ".join(harness.TABLE_HEADER) + " |"
-    assert report.count(header) == 4
-    for subject in ("linear", "gemm", "adam", "e2e"):
+    assert report.count(header) == 5
+    for subject in ("linear", "gemm", "adam", "e2e", "fsdp"):
         png = out / "plots" / f"{subject}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{subject}.png" in report

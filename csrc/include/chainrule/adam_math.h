@@ -118,8 +118,10 @@ CHAINRULE_HOST_DEVICE void adam_update_element(T& param, T grad, T& exp_avg, T& 
   }
   // exp_avg.lerp_(g, 1 - beta1), both of torch's branches (aten/src/ATen/native/Lerp.h): with a
   // weight w >= 0.5 it is g + (w - 1)(g - m), exact for beta1 = 0.
-  T m = s.exp_avg_from_grad ? math::fma(s.beta1_complement_minus_one, g - exp_avg, g)
-                            : math::fma(s.one_minus_beta1, g - exp_avg, exp_avg);
+  // One fma with its weight and base selected (fewer live registers than two fmas and a select).
+  const T lerp_weight = s.exp_avg_from_grad ? s.beta1_complement_minus_one : s.one_minus_beta1;
+  const T lerp_base = s.exp_avg_from_grad ? g : exp_avg;
+  T m = math::fma(lerp_weight, g - exp_avg, lerp_base);
   T v = math::fma(s.one_minus_beta2 * g, g, s.beta2 * exp_avg_sq);
   T v_used = v;
   if (s.amsgrad) {
