@@ -102,7 +102,7 @@ def test_smoke_report_and_plots(smoke_run):
     # the aligned table on stdout: header, rule, and rows with the same column separators
     lines = stdout.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("shape ")]
-    assert len(headers) == 4
+    assert len(headers) == 5
     for i in headers:
         assert set(lines[i + 1]) <= {"-", "+"}
         assert lines[i + 2].count("|") == lines[i].count("|") == len(harness.TABLE_HEADER) - 1
