@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as chainrule_nn
+from .functional import _native_activation
 
 __all__ = ["convert", "ConversionReport"]
 
@@ -87,16 +88,6 @@ _TRANSFORMERS_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gel
 _FUNCTIONAL_ACTIVATIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.nn.functional.silu}
 
 
-def _reference(activation: str, x: torch.Tensor) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.silu(x)
-
-
 def activation_of(module: nn.Module) -> Optional[str]:
     """chainrule's name for the activation this module computes, or None."""
     if module._forward_hooks or module._forward_pre_hooks:
@@ -117,7 +108,7 @@ def activation_of(module: nn.Module) -> Optional[str]:
     x = torch.linspace(-8.0, 8.0, 257)
     try:
         with torch.no_grad():
-            same = torch.allclose(module(x), _reference(name, x), rtol=1e-5, atol=1e-6)
+            same = torch.allclose(module(x), _native_activation(x, name), rtol=1e-5, atol=1e-6)
     except Exception:  # noqa: BLE001  (any failure means: not this activation)
         return None
     return name if same else None
