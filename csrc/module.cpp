@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "backend.h"
+#include "cpu/gemm_path.h"  // [cpu-gemm]
 #include "cpu/isa.h"  // [cpu-gemm]
 
 #if CHAINRULE_WITH_EMULATOR && __has_include("emu/emu.h")
@@ -36,6 +37,8 @@ pybind11::dict build_info() {
   }
   info["cuda_architectures"] = archs;
   info["cpu_simd"] = chainrule::cpu::isa_name();  // [cpu-gemm] active ISA
+  // [cpu-gemm] auto | ours | aten: how linear calls choose between our GEMM and ATen's
+  info["cpu_gemm"] = chainrule::cpu::gemm_path_mode_name(chainrule::cpu::gemm_path_mode());
   info["emulator_available"] = static_cast<bool>(CHAINRULE_EMULATOR_HOOKS);
   return info;
 }

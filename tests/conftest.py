@@ -1,9 +1,12 @@
 """One test suite, every backend.
 
 The `backend` fixture runs a test on each place chainrule's kernels run:
-  cpu                      the CPU kernels, on the best SIMD path this CPU has
-  cpu-<isa>                the CPU kernels forced onto a lower path (avx2, or fallback: ATen's GEMM
-                           with our epilogues), as CHAINRULE_CPU_ISA=<isa> would
+  cpu                      the CPU kernels as a user gets them: the best SIMD path this CPU has, and
+                           our GEMM or ATen's as the path rule picks per call (cpu/gemm_path.h)
+  cpu-ours                 the same ISA with our GEMM forced wherever it runs the dtype
+                           (CHAINRULE_CPU_GEMM=ours), so our kernels are tested on every CPU
+  cpu-<isa>                the CPU kernels forced onto a lower path (avx2 with our GEMM, or
+                           fallback: ATen's GEMM with scalar epilogues), as CHAINRULE_CPU_ISA=<isa>
   emulated_cuda-<order>    the CUDA kernel source under the CUDA emulator, with the block's threads
                            scheduled in forward, reverse and seeded random order
   cuda                     the CUDA kernels on a GPU (skipped, with the reason, where there is none)
@@ -32,7 +35,7 @@ class Backend:
 
 EMULATOR_ORDERS = ("forward", "reverse", "random")
 FORCED_CPU_ISAS = ("avx2", "fallback")
-BACKEND_NAMES = (["cpu"] + [f"cpu-{isa}" for isa in FORCED_CPU_ISAS]
+BACKEND_NAMES = (["cpu", "cpu-ours"] + [f"cpu-{isa}" for isa in FORCED_CPU_ISAS]
                  + [f"emulated_cuda-{order}" for order in EMULATOR_ORDERS] + ["cuda"])
 
 
@@ -41,16 +44,24 @@ def running_on(name: str):
     """Enters backend `name` for the duration of the block; skips the test if it is missing."""
     if name == "cpu":
         yield Backend(name, "cpu")
+    elif name == "cpu-ours":
+        chainrule._C._set_cpu_gemm("ours")
+        try:
+            yield Backend(name, "cpu")
+        finally:
+            chainrule._C._set_cpu_gemm(None)
     elif name.startswith("cpu-"):
         isa = name.split("-", 1)[1]
         try:
             chainrule._C._set_cpu_isa(isa)
         except RuntimeError as error:
             pytest.skip(f"this CPU cannot run chainrule's {isa} kernels: {error}")
+        chainrule._C._set_cpu_gemm("ours")
         try:
             yield Backend(name, "cpu")
         finally:
             chainrule._C._set_cpu_isa(None)
+            chainrule._C._set_cpu_gemm(None)
     elif name.startswith("emulated_cuda"):
         if not chainrule.backends.emulator_available():
             pytest.skip("chainrule was built without the CUDA emulator (no CUDA headers found)")
@@ -90,6 +101,8 @@ def pytest_report_header(config):
     info = chainrule.build_info()
     return [f"chainrule {info['version']} built against torch {info['torch_version']}; "
             f"cuda compiled: {info['cuda_compiled']} {info['cuda_architectures']}; "
-            f"cpu simd: {info['cpu_simd']}; emulator: {info['emulator_available']}; "
+            f"cpu simd: {info['cpu_simd']}; cpu gemm: {info['cpu_gemm']} "
+            f"{chainrule._C._cpu_traits()}; emulator: {info['emulator_available']}; "
             f"torch threads: {torch.get_num_threads()}; "
-            f"CHAINRULE_CPU_ISA={os.environ.get('CHAINRULE_CPU_ISA', '')}"]
+            f"CHAINRULE_CPU_ISA={os.environ.get('CHAINRULE_CPU_ISA', '')} "
+            f"CHAINRULE_CPU_GEMM={os.environ.get('CHAINRULE_CPU_GEMM', '')}"]

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 import chainrule
 
-EXAMPLES = {"cpu": 250, "cpu-avx2": 150, "cpu-fallback": 120, "emulated_cuda-forward": 100,
-            "emulated_cuda-reverse": 50, "emulated_cuda-random": 50, "cuda": 250}
+EXAMPLES = {"cpu": 150, "cpu-ours": 100, "cpu-avx2": 150, "cpu-fallback": 120,
+            "emulated_cuda-forward": 100, "emulated_cuda-reverse": 50, "emulated_cuda-random": 50,
+            "cuda": 250}
 NUMELS = [0, 1, 2, 3, 7, 13, 16, 17, 31, 64, 127, 1000, 4099]
 TOLERANCES = {torch.float32: dict(rtol=2e-6, atol=1e-7), torch.float64: dict(rtol=1e-12, atol=1e-14)}
 # torch unscales a float64 gradient by 1/scale rounded to float32; the kernels divide by the scale.

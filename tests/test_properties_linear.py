@@ -22,8 +22,9 @@ from test_linear import ACTIVATIONS, reference
 
 # Examples per backend (>= 2000 in all without a GPU). The emulator runs every CUDA thread as a
 # fiber, so it gets fewer and smaller examples.
-EXAMPLES = {"cpu": 600, "cpu-avx2": 450, "cpu-fallback": 400, "emulated_cuda-forward": 400,
-            "emulated_cuda-reverse": 200, "emulated_cuda-random": 200, "cuda": 600}
+EXAMPLES = {"cpu": 350, "cpu-ours": 350, "cpu-avx2": 450, "cpu-fallback": 400,
+            "emulated_cuda-forward": 400, "emulated_cuda-reverse": 200, "emulated_cuda-random": 200,
+            "cuda": 600}
 MAX_DIM = {"emulated": 70, "other": 300}
 SPECIAL_SIZES = [0, 1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 32, 33, 64, 97, 127, 128, 129]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -3,17 +3,21 @@
 //   forward:  Z = X W^T + b,  Y = act(Z)              (Z kept for backward when asked)
 //   backward: dZ = dY * act'(Z);  dX = dZ W;  dW = dZ^T X (or dW += ...);  db = sum_rows dZ
 //
-// Two paths, chosen per call from the active CPU ISA (cpu/isa.h) and the dtype:
-//  - our GEMM (cpu/gemm/gemm.h) for float32 (AVX-512 or AVX2) and bfloat16 (AVX512_BF16): the
-//    epilogues live inside it. The forward's bias, activation and pre-activation store happen in
+// Two paths, chosen per call by cpu/gemm_path.h from the CPU, the dtype and the shape (our kernels
+// need float32 on AVX-512/AVX2 or bfloat16 on AVX512_BF16; the rule then picks the faster):
+//  - our GEMM (cpu/gemm/gemm.h): the epilogues live inside it. The forward's bias, activation and pre-activation store happen in
 //    the micro-tile write-back; the backward applies act'(Z) while packing dY for dX (writing dZ
 //    out on the way, which dW then reads), adds dW into the gradient buffer in the write-back
 //    (beta = 1) and takes the bias gradient as row sums of the packed dZᵀ.
-//  - ATen's GEMM (float64, float16, ISA "fallback", and degenerate sizes) in the accumulation type
-//    (float32 for bfloat16/float16), with our epilogues done in one pass each: bias + activation +
-//    pre-activation store after the forward GEMM; activation derivative + bias-gradient column
-//    sums before the backward GEMMs; the fp32 -> storage-type rounding (and, for low-precision
-//    gradient buffers, the accumulation) after them.
+//  - ATen's GEMM (MKL / oneDNN; also float64, float16 and ISA "fallback") with our epilogues done
+//    in one pass each: the forward is F.linear's addmm (bias inside the GEMM) and one activation
+//    pass that reads Z (kept as the pre-activation) and writes the output; the backward's one
+//    prologue pass writes dZ = dY * act'(Z) and the bias-gradient column sums, then the two GEMMs
+//    read dZ, the weight gradient's adding into the gradient buffer (beta = 1). bfloat16/float16
+//    multiply as they are where oneDNN has bf16 instructions (dZ rounded to the storage type, as
+//    torch's activation backward does), otherwise widened to float32 (one rounding at the end).
+// The activation passes use the vector activations of our GEMM's epilogues (cpu/gemm/simd_math.h)
+// on the active ISA, activation.h's scalar functions on "fallback" and for float64.
 // The math is csrc/include/chainrule/activation.h (its vector twins: cpu/gemm/simd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,6 +26,7 @@
 #include "chainrule/activation.h"
 #include "checks.h"
 #include "cpu/gemm/gemm.h"
+#include "cpu/gemm_path.h"
 #include "cpu/isa.h"
 #include "ops.h"
 
@@ -70,22 +75,87 @@ void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, sca
   });
 }
 
-// dZ = dY * act'(Z) in the accumulation type, and db = column sums of dZ (deterministic).
-template <Activation A, typename scalar_t, typename acc_t>
-void backward_prologue(const scalar_t* grad_output, const scalar_t* pre, acc_t* grad_pre,
-                       acc_t* grad_bias, int64_t M, int64_t N) {
+// The type ATen's path multiplies `dtype` in: the dtype itself, or float32 for bfloat16/float16
+// on a CPU whose oneDNN has no bf16 instructions to run them on.
+at::ScalarType aten_compute_type(at::ScalarType dtype) {
+  if (dtype == at::kDouble || dtype == at::kFloat) return dtype;
+  return aten_multiplies_low_precision(cpu_traits(), dtype) ? dtype : at::kFloat;
+}
+
+// out[i] = act(in[i]), or act'(in[i]) when `derivative`, over n floats (in == out allowed): the
+// vector activations of our GEMM's epilogues on the active ISA, the scalar ones on "fallback".
+void activation_floats(CpuIsa isa, Activation act, bool derivative, const float* in, float* out,
+                       int64_t n) {
+  if (isa != CpuIsa::fallback) {
+    gemm::activation_map(isa, act, derivative, in, out, n);
+    return;
+  }
+  dispatch_activation(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = derivative ? activation_derivative<A>(in[i]) : activation_forward<A>(in[i]);
+    }
+  });
+}
+
+// act(z) or act'(z) of n values of any storage type into `out` (float32, or float64 for double).
+template <typename scalar_t, typename acc_t>
+void activation_values(CpuIsa isa, Activation act, bool derivative, const scalar_t* z, acc_t* out,
+                       int64_t n) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      for (int64_t i = 0; i < n; ++i) {
+        out[i] = derivative ? activation_derivative<A>(z[i]) : activation_forward<A>(z[i]);
+      }
+    });
+  } else {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(z[i]);
+      activation_floats(isa, act, derivative, out, out, n);
+    } else {
+      activation_floats(isa, act, derivative, z, out, n);
+    }
+  }
+}
+
+// output = act(Z) over n values, Z already in the storage type (ATen's addmm wrote it, rounded
+// once, as F.linear does).
+template <typename scalar_t>
+void activation_pass(CpuIsa isa, Activation act, const scalar_t* pre, scalar_t* out, int64_t n) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr int64_t kBlock = 2048;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 8, [&](int64_t block_begin, int64_t block_end) {
+    acc_t values[kBlock];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t first = block * kBlock, count = std::min(kBlock, n - first);
+      activation_values(isa, act, /*derivative=*/false, pre + first, values, count);
+      for (int64_t i = 0; i < count; ++i) out[first + i] = static_cast<scalar_t>(values[i]);
+    }
+  });
+}
+
+// dZ = dY * act'(Z), stored as grad_t (nothing is stored when grad_pre is null), and
+// db = column sums of the unrounded dZ in acc_t, in a fixed order (deterministic).
+template <typename scalar_t, typename grad_t, typename acc_t>
+void backward_prologue(CpuIsa isa, Activation act, const scalar_t* grad_output,
+                       const scalar_t* pre, grad_t* grad_pre, acc_t* grad_bias, int64_t M,
+                       int64_t N) {
   const int64_t chunks = (M + kReduceRows - 1) / kReduceRows;
   std::vector<acc_t> partial(grad_bias ? chunks * N : 0, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> derivative(act == Activation::none ? 0 : N);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       acc_t* sums = grad_bias ? partial.data() + c * N : nullptr;
       for (int64_t i = c * kReduceRows; i < std::min(M, (c + 1) * kReduceRows); ++i) {
+        const scalar_t* grad_row = grad_output + i * N;
+        if (act != Activation::none) {
+          activation_values(isa, act, /*derivative=*/true, pre + i * N, derivative.data(), N);
+        }
         for (int64_t j = 0; j < N; ++j) {
-          acc_t g = static_cast<acc_t>(grad_output[i * N + j]);
-          if constexpr (A != Activation::none) {
-            g *= activation_derivative<A>(static_cast<acc_t>(pre[i * N + j]));
-          }
-          grad_pre[i * N + j] = g;
+          acc_t g = static_cast<acc_t>(grad_row[j]);
+          if (act != Activation::none) g *= derivative[j];
+          if (grad_pre) grad_pre[i * N + j] = static_cast<grad_t>(g);
           if (sums) sums[j] += g;
         }
       }
@@ -199,16 +269,13 @@ void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_ro
     p.accumulate = accumulate;
     gemm::run(p, isa);
   } else if (grad_bias) {
-    // No weight gradient asked: the bias gradient alone, in ATen's one-pass prologue.
-    at::Tensor grad_pre = at::empty({M, N}, grad_rows.options().dtype(at::kFloat));
+    // No weight gradient asked: the bias gradient alone, in the one-pass prologue (dZ not kept).
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(),
                                     "chainrule.linear_backward", [&] {
-      dispatch_activation(act, [&](auto a) {
-        backward_prologue<decltype(a)::value, scalar_t, float>(
-            grad_rows.const_data_ptr<scalar_t>(),
-            pre ? pre_rows.const_data_ptr<scalar_t>() : nullptr,
-            grad_pre.mutable_data_ptr<float>(), bias_sums.mutable_data_ptr<float>(), M, N);
-      });
+      backward_prologue<scalar_t, float, float>(
+          isa, act, grad_rows.const_data_ptr<scalar_t>(),
+          pre ? pre_rows.const_data_ptr<scalar_t>() : nullptr, /*grad_pre=*/nullptr,
+          bias_sums.mutable_data_ptr<float>(), M, N);
     });
   }
   if (grad_bias) {
@@ -240,7 +307,8 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
 
   const CpuIsa isa = active_isa();
   const std::optional<gemm::ElementType> type = gemm_type(dtype, isa);
-  if (type && M > 0 && N > 0 && K > 0 && (!grad_weight || grad_weight->is_contiguous())) {
+  if (type && M > 0 && N > 0 && K > 0 && (!grad_weight || grad_weight->is_contiguous()) &&
+      gemm_path(dtype, true, LinearPass::backward, M, N, K) == GemmPath::ours) {
     at::Tensor weight_c = weight.contiguous();
     at::Tensor input_rows = as_rows(input);
     at::Tensor grad_input_rows;
@@ -252,28 +320,41 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
     return grad_input_rows.reshape(input.sizes());
   }
 
-  at::Tensor grad_pre = at::empty({M, N}, grad_rows.options().dtype(acc_dtype));
+  // ATen's GEMMs read dZ in the compute type. Without an activation and with nothing to widen,
+  // dZ is dY itself and the prologue only sums the bias gradient.
+  const at::ScalarType compute = aten_compute_type(dtype);
+  const bool grad_pre_is_grad = activation == Activation::none && compute == dtype;
+  at::Tensor grad_pre =
+      grad_pre_is_grad ? grad_rows : at::empty({M, N}, grad_rows.options().dtype(compute));
   at::Tensor bias_sums =
       grad_bias ? at::empty({N}, grad_rows.options().dtype(acc_dtype)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    dispatch_activation(activation, [&](auto act) {
-      backward_prologue<decltype(act)::value, scalar_t, acc_t>(
-          grad_rows.const_data_ptr<scalar_t>(),
+    auto prologue = [&](auto* grad_pre_data) {
+      using grad_t = std::remove_pointer_t<decltype(grad_pre_data)>;
+      backward_prologue<scalar_t, grad_t, acc_t>(
+          isa, activation, grad_rows.const_data_ptr<scalar_t>(),
           pre_rows.defined() ? pre_rows.const_data_ptr<scalar_t>() : nullptr,
-          grad_pre.mutable_data_ptr<acc_t>(),
+          grad_pre_is_grad ? nullptr : grad_pre_data,
           grad_bias ? bias_sums.mutable_data_ptr<acc_t>() : nullptr, M, N);
-    });
+    };
+    if (grad_pre_is_grad && !grad_bias) {
+      // nothing to do before the GEMMs
+    } else if (compute == dtype) {
+      prologue(grad_pre.mutable_data_ptr<scalar_t>());
+    } else {
+      prologue(grad_pre.mutable_data_ptr<acc_t>());
+    }
     if (grad_bias) {
       store_rounded<scalar_t, acc_t>(bias_sums.const_data_ptr<acc_t>(),
                                      grad_bias->mutable_data_ptr<scalar_t>(), N, accumulate);
     }
     if (grad_weight) {
-      at::Tensor input_rows = as_rows(input).to(acc_dtype);
-      if (dtype == acc_dtype && accumulate) {
+      at::Tensor input_rows = as_rows(input).to(compute);
+      if (compute == dtype && accumulate) {
         // beta = 1 accumulation inside the GEMM itself, straight into the gradient buffer.
         grad_weight->addmm_(grad_pre.t(), input_rows);
-      } else if (dtype == acc_dtype) {
+      } else if (compute == dtype) {
         at::mm_out(const_cast<at::Tensor&>(*grad_weight), grad_pre.t(), input_rows);
       } else {
         at::Tensor product = at::mm(grad_pre.t(), input_rows);
@@ -284,7 +365,7 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
     }
   });
   if (!compute_grad_input) return at::empty({0}, input.options());
-  at::Tensor grad_input_rows = at::mm(grad_pre, weight.to(acc_dtype));
+  at::Tensor grad_input_rows = at::mm(grad_pre, weight.to(compute));
   return grad_input_rows.to(dtype).reshape(input.sizes());
 }
 
@@ -302,19 +383,38 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
   const int64_t M = input_rows.size(0);
 
   const bool keep_pre = save_pre_activation && act != Activation::none;
-  at::Tensor output = at::empty({M, N}, input.options());
-  at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
   auto out_sizes = with_last_dim(input.sizes(), N);
+  const at::Tensor no_pre = at::empty({0}, input.options());
 
   const CpuIsa isa = active_isa();
   const int64_t K = weight.size(1);
-  if (auto type = gemm_type(dtype, isa); type && M > 0 && N > 0 && K > 0) {
+  if (auto type = gemm_type(dtype, isa);
+      type && M > 0 && N > 0 && K > 0 &&
+      gemm_path(dtype, true, LinearPass::forward, M, N, K) == GemmPath::ours) {
+    at::Tensor output = at::empty({M, N}, input.options());
+    at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : no_pre;
     at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
     forward_gemm(*type, isa, input_rows, weight.contiguous(), bias ? &bias_c : nullptr, act,
                  output, keep_pre ? &pre : nullptr);
     return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : pre};
   }
 
+  if (aten_compute_type(dtype) == dtype) {
+    // F.linear's own GEMM: Z = addmm(b, X, Wᵀ), rounded once; then one pass for act(Z), with Z
+    // itself kept as the pre-activation.
+    at::Tensor pre = bias ? at::addmm(*bias, input_rows, weight.t()) : at::mm(input_rows, weight.t());
+    if (act == Activation::none) return {pre.view(out_sizes), no_pre};
+    at::Tensor output = at::empty({M, N}, input.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
+      activation_pass<scalar_t>(isa, act, pre.const_data_ptr<scalar_t>(),
+                                output.mutable_data_ptr<scalar_t>(), M * N);
+    });
+    return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : no_pre};
+  }
+
+  // Widened to float32: one rounding at the end, bias and activation in one pass.
+  at::Tensor output = at::empty({M, N}, input.options());
+  at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : no_pre;
   at::Tensor acc = at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -1,10 +1,11 @@
-// Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA
-// switch that tests use to run every path on one machine, the vector activations (held against
+// Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA and
+// GEMM-path switches that tests use to run every path on one machine, the path a call would take, the vector activations (held against
 // float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
 #include <torch/extension.h>
 
 #include "chainrule/activation.h"
 #include "cpu/gemm/gemm.h"
+#include "cpu/gemm_path.h"
 #include "cpu/isa.h"
 
 namespace chainrule::cpu {
@@ -73,6 +74,50 @@ void add_python_hooks(pybind11::module_& m) {
           return out;
         },
         "act(z) or act'(z) with the vector activations of the given ISA's kernels");
+  m.def("_set_cpu_gemm",
+        [](std::optional<std::string> name) {
+          std::optional<GemmPathMode> mode;
+          if (name) {
+            GemmPathMode parsed;
+            TORCH_CHECK(parse_gemm_path_mode(*name, &parsed),
+                        "chainrule: unknown CPU GEMM mode '", *name,
+                        "'; expected 'auto', 'ours' or 'aten'");
+            mode = parsed;
+          }
+          set_gemm_path_mode(mode);
+        },
+        pybind11::arg("name").none(true),
+        "Forces the CPU GEMM path mode (None returns to CHAINRULE_CPU_GEMM, default auto)");
+  m.def("_cpu_gemm_mode", [] { return std::string(gemm_path_mode_name(gemm_path_mode())); });
+  m.def("_cpu_gemm_path",
+        [](const std::string& dtype, bool backward, int64_t m, int64_t n, int64_t k) {
+          at::ScalarType type;
+          if (dtype == "float32") type = at::kFloat;
+          else if (dtype == "bfloat16") type = at::kBFloat16;
+          else if (dtype == "float16") type = at::kHalf;
+          else if (dtype == "float64") type = at::kDouble;
+          else TORCH_CHECK(false, "chainrule: unknown dtype '", dtype, "'");
+          std::optional<gemm::ElementType> element;
+          if (type == at::kFloat) element = gemm::ElementType::float32;
+          if (type == at::kBFloat16) element = gemm::ElementType::bfloat16;
+          const bool ours = element && gemm::supports(active_isa(), *element);
+          const LinearPass pass = backward ? LinearPass::backward : LinearPass::forward;
+          return std::string(gemm_path_name(gemm_path(type, ours, pass, m, n, k)));
+        },
+        pybind11::arg("dtype"), pybind11::arg("backward"), pybind11::arg("m"),
+        pybind11::arg("n"), pybind11::arg("k"),
+        "'ours' or 'aten': the GEMM a CPU linear call with m rows, n = out_features and "
+        "k = in_features takes now");
+  m.def("_cpu_traits", [] {
+    const CpuTraits& t = cpu_traits();
+    pybind11::dict d;
+    d["vendor"] = vendor_name(t.vendor);
+    d["family"] = t.family;
+    d["model"] = t.model;
+    d["avx512_bf16"] = t.avx512_bf16;
+    d["amx_bf16"] = t.amx_bf16;
+    return d;
+  }, "What the CPU GEMM path rule reads of this CPU");
   m.def("_cpu_gemm", &gemm_for_python,
         "C = A @ B (2-D float32/bfloat16, row-major) on chainrule's CPU GEMM with the active ISA");
 }

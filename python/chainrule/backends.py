@@ -56,3 +56,32 @@ def emulated_cuda(schedule: Optional[str] = None, seed: int = 0) -> Iterator[Non
 def emulated_launch_count() -> int:
     """Kernels the emulator has launched in this process (for tests that count launches)."""
     return int(_C._emu_launch_count())
+
+
+GEMM_MODES = ("auto", "ours", "aten")
+
+
+def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False) -> str:
+    """'ours' or 'aten': the GEMM that a CPU linear call with an (m, k) input and an (n, k)
+    weight runs on now (forward, or backward when `backward`).
+
+    chainrule's own GEMM fuses the epilogues into the kernel; ATen's (MKL / oneDNN) is followed by
+    chainrule's one-pass epilogues. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
+    only on the CPU, the dtype and the shape, so a call always takes the same path. The
+    environment variable CHAINRULE_CPU_GEMM=auto|ours|aten (read once) overrides it; `ours` still
+    uses ATen where chainrule has no kernel for the dtype on this CPU.
+    """
+    import torch  # noqa: PLC0415
+
+    dtype = torch.float32 if dtype is None else dtype
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float64: "float64"}
+    if dtype not in names:
+        raise ValueError(f"chainrule.backends.cpu_gemm_path: dtype must be a floating dtype, "
+                         f"got {dtype}")
+    return _C._cpu_gemm_path(names[dtype], backward, m, n, k)
+
+
+def cpu_gemm_mode() -> str:
+    """'auto', 'ours' or 'aten': how CPU linear calls choose their GEMM now."""
+    return _C._cpu_gemm_mode()

@@ -1,0 +1,145 @@
+// The rule that picks our GEMM or ATen's for a CPU linear-layer call (see gemm_path.h and
+// docs/cpu_gemm.md, "Which GEMM runs", for the measurements behind each branch).
+#include "cpu/gemm_path.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+namespace chainrule::cpu {
+
+namespace {
+
+void cpuid(unsigned leaf, unsigned subleaf, unsigned regs[4]) {
+  unsigned eax = leaf, ebx = 0, ecx = subleaf, edx = 0;
+  __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+  regs[0] = eax; regs[1] = ebx; regs[2] = ecx; regs[3] = edx;
+}
+
+CpuTraits read_cpu_traits() {
+  CpuTraits t;
+  unsigned r[4];
+  cpuid(0, 0, r);
+  const unsigned max_leaf = r[0];
+  char vendor[13] = {};
+  std::memcpy(vendor, &r[1], 4);
+  std::memcpy(vendor + 4, &r[3], 4);
+  std::memcpy(vendor + 8, &r[2], 4);
+  if (std::strcmp(vendor, "GenuineIntel") == 0) t.vendor = CpuTraits::Vendor::intel;
+  if (std::strcmp(vendor, "AuthenticAMD") == 0) t.vendor = CpuTraits::Vendor::amd;
+  cpuid(1, 0, r);
+  const unsigned base_family = (r[0] >> 8) & 0xf, base_model = (r[0] >> 4) & 0xf;
+  t.family = static_cast<int>(base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family);
+  t.model = static_cast<int>(base_family == 0x6 || base_family == 0xf
+                                 ? (((r[0] >> 16) & 0xf) << 4) | base_model
+                                 : base_model);
+  t.avx512_bf16 = cpu_has_avx512_bf16();
+  if (max_leaf >= 7) {
+    cpuid(7, 0, r);
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    t.amx_bf16 = ((r[3] >> 22) & 1u) && ((r[3] >> 24) & 1u);
+  }
+  return t;
+}
+
+// -1: no override; otherwise a GemmPathMode value.
+std::atomic<int> g_mode_override{-1};
+
+GemmPathMode mode_from_environment() {
+  const char* env = std::getenv("CHAINRULE_CPU_GEMM");
+  if (env == nullptr || *env == 0) return GemmPathMode::automatic;
+  GemmPathMode mode;
+  TORCH_CHECK(parse_gemm_path_mode(env, &mode),
+              "CHAINRULE_CPU_GEMM: expected auto, ours or aten, got '", env, "'");
+  return mode;
+}
+
+bool low_precision(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+}  // namespace
+
+const CpuTraits& cpu_traits() {
+  static const CpuTraits traits = read_cpu_traits();
+  return traits;
+}
+
+bool aten_multiplies_low_precision(const CpuTraits& cpu, at::ScalarType dtype) {
+  return low_precision(dtype) && (cpu.avx512_bf16 || cpu.amx_bf16);
+}
+
+GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarType dtype,
+                          LinearPass pass, int64_t m, int64_t n, int64_t k) {
+  if (!ours_available) return GemmPath::aten;
+  // bf16: oneDNN's bf16 GEMM (vdpbf16ps, AMX tiles where present) ran ahead of ours on every CPU
+  // measured (Zen 4, Zen 5, an AMX Xeon); ours stays available with CHAINRULE_CPU_GEMM=ours.
+  if (dtype != at::kFloat) return GemmPath::aten;
+  // fp32 on Intel: MKL on its own vendor's CPUs ran ahead of ours at every shape measured (Ice
+  // Lake, an AMX Xeon). On CPUs of other vendors MKL takes slower code paths, and ours wins once
+  // the problem is large enough to amortise packing: every GEMM of the call (forward: M x N over
+  // K; backward also N x K over M and M x K over N) needs at least a full micro-tile of rows and a
+  // k loop long enough to pay for the read-modify-write pass over C.
+  if (cpu.vendor != CpuTraits::Vendor::amd) return GemmPath::aten;
+  constexpr int64_t kMinRows = 32, kMinCols = 64, kMinDepth = 64;
+  if (pass == LinearPass::forward) {
+    return m >= kMinRows && n >= kMinCols && k >= kMinDepth ? GemmPath::ours : GemmPath::aten;
+  }
+  return m >= kMinDepth && n >= kMinCols && k >= kMinCols ? GemmPath::ours : GemmPath::aten;
+}
+
+GemmPathMode gemm_path_mode() {
+  const int forced = g_mode_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<GemmPathMode>(forced);
+  static const GemmPathMode from_env = mode_from_environment();
+  return from_env;
+}
+
+void set_gemm_path_mode(std::optional<GemmPathMode> mode) {
+  g_mode_override.store(mode ? static_cast<int>(*mode) : -1);
+}
+
+GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, int64_t m,
+                   int64_t n, int64_t k) {
+  if (!ours_available) return GemmPath::aten;
+  switch (gemm_path_mode()) {
+    case GemmPathMode::ours: return GemmPath::ours;
+    case GemmPathMode::aten: return GemmPath::aten;
+    case GemmPathMode::automatic: break;
+  }
+  return choose_gemm_path(cpu_traits(), ours_available, dtype, pass, m, n, k);
+}
+
+bool parse_gemm_path_mode(std::string_view name, GemmPathMode* out) {
+  for (GemmPathMode mode : {GemmPathMode::automatic, GemmPathMode::ours, GemmPathMode::aten}) {
+    if (name == gemm_path_mode_name(mode)) {
+      *out = mode;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* gemm_path_mode_name(GemmPathMode mode) {
+  switch (mode) {
+    case GemmPathMode::automatic: return "auto";
+    case GemmPathMode::ours: return "ours";
+    case GemmPathMode::aten: return "aten";
+  }
+  return "?";
+}
+
+const char* gemm_path_name(GemmPath path) { return path == GemmPath::ours ? "ours" : "aten"; }
+
+const char* vendor_name(CpuTraits::Vendor vendor) {
+  switch (vendor) {
+    case CpuTraits::Vendor::intel: return "intel";
+    case CpuTraits::Vendor::amd: return "amd";
+    case CpuTraits::Vendor::other: return "other";
+  }
+  return "?";
+}
+
+}  // namespace chainrule::cpu

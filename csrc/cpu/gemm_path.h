@@ -1,0 +1,59 @@
+// Which GEMM a CPU linear-layer call runs on: ours (csrc/cpu/gemm/, the epilogues fused into it)
+// or ATen's (MKL / oneDNN) followed by our one-pass epilogues. Both compute the same function; the
+// choice is for speed only, so it is made by a rule that depends on nothing but the CPU and the
+// problem, and the same call always takes the same path (the results' bits do not depend on
+// timing). docs/cpu_gemm.md, "Which GEMM runs", gives the measurements behind the rule.
+//
+//   CHAINRULE_CPU_GEMM=auto|ours|aten   (read once; default auto) or set_gemm_path_mode() (tests)
+//
+// "ours" still falls back to ATen where our kernels cannot run (float64, float16, bf16 without
+// AVX512_BF16, ISA "fallback"); "aten" never runs our GEMM.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include <c10/core/ScalarType.h>
+
+#include "cpu/isa.h"
+
+namespace chainrule::cpu {
+
+enum class GemmPath : int { ours = 0, aten = 1 };
+enum class GemmPathMode : int { automatic = 0, ours = 1, aten = 2 };
+enum class LinearPass : int { forward = 0, backward = 1 };
+
+// What the rule needs to know of the CPU (from cpuid).
+struct CpuTraits {
+  enum class Vendor : int { intel, amd, other } vendor = Vendor::other;
+  int family = 0, model = 0;     // display family / model
+  bool avx512_bf16 = false;      // vdpbf16ps
+  bool amx_bf16 = false;         // AMX tiles with bf16 (Sapphire Rapids and later)
+};
+const CpuTraits& cpu_traits();
+
+// The rule itself, a pure function so tests can hold it against every CPU class. m, n, k are
+// the layer's rows (batch x tokens), out_features and in_features; `ours_available` says whether
+// our kernels run this dtype on the active ISA.
+GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarType dtype,
+                          LinearPass pass, int64_t m, int64_t n, int64_t k);
+
+// The path this process takes for the call: the mode (environment or override) applied to
+// choose_gemm_path on this CPU.
+GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, int64_t m,
+                   int64_t n, int64_t k);
+
+// Whether ATen's path multiplies bfloat16/float16 operands as they are (oneDNN's bf16 kernels on
+// CPUs with bf16 dot products or AMX: fp32 accumulation, one rounding, as F.linear does) rather
+// than widened to float32 first (CPUs without bf16 instructions, where ATen's bf16 GEMM is slow).
+bool aten_multiplies_low_precision(const CpuTraits& cpu, at::ScalarType dtype);
+
+GemmPathMode gemm_path_mode();
+void set_gemm_path_mode(std::optional<GemmPathMode> mode);  // nullopt: back to the environment
+bool parse_gemm_path_mode(std::string_view name, GemmPathMode* out);
+const char* gemm_path_mode_name(GemmPathMode mode);
+const char* gemm_path_name(GemmPath path);
+const char* vendor_name(CpuTraits::Vendor vendor);
+
+}  // namespace chainrule::cpu
