@@ -51,6 +51,16 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
+// The element type our GEMM runs `dtype` in on the active ISA, or nullopt
+// where our kernels cannot run it (ATen's GEMM and scalar passes then).
+std::optional<gemm::ElementType> gemm_type(at::ScalarType dtype, CpuIsa isa) {
+  std::optional<gemm::ElementType> type;
+  if (dtype == at::kFloat) type = gemm::ElementType::float32;
+  if (dtype == at::kBFloat16) type = gemm::ElementType::bfloat16;
+  if (type && !gemm::supports(isa, *type)) type.reset();
+  return type;
+}
+
 // out = act(acc + bias), pre = acc + bias; acc is (M, N) in the accumulation type.
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, scalar_t* pre,
@@ -125,10 +135,16 @@ template <typename scalar_t>
 void activation_pass(CpuIsa isa, Activation act, const scalar_t* pre, scalar_t* out, int64_t n) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr int64_t kBlock = 2048;
+  const std::optional<gemm::ElementType> vector_type =
+      gemm_type(c10::CppTypeToScalarType<scalar_t>::value, isa);
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 8, [&](int64_t block_begin, int64_t block_end) {
     acc_t values[kBlock];
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t first = block * kBlock, count = std::min(kBlock, n - first);
+      if (vector_type) {
+        gemm::activation_pass(isa, *vector_type, act, pre + first, out + first, count);
+        continue;
+      }
       activation_values(isa, act, /*derivative=*/false, pre + first, values, count);
       for (int64_t i = 0; i < count; ++i) out[first + i] = static_cast<scalar_t>(values[i]);
     }
@@ -143,12 +159,24 @@ void backward_prologue(CpuIsa isa, Activation act, const scalar_t* grad_output,
                        int64_t N) {
   const int64_t chunks = (M + kReduceRows - 1) / kReduceRows;
   std::vector<acc_t> partial(grad_bias ? chunks * N : 0, acc_t(0));
+  // The vector pass of our kernels where they run this dtype and dZ is kept in it.
+  std::optional<gemm::ElementType> vector_type;
+  if constexpr (std::is_same_v<grad_t, scalar_t> && std::is_same_v<acc_t, float>) {
+    vector_type = gemm_type(c10::CppTypeToScalarType<scalar_t>::value, isa);
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> derivative(act == Activation::none ? 0 : N);
+    std::vector<acc_t> derivative(act == Activation::none || vector_type ? 0 : N);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       acc_t* sums = grad_bias ? partial.data() + c * N : nullptr;
       for (int64_t i = c * kReduceRows; i < std::min(M, (c + 1) * kReduceRows); ++i) {
         const scalar_t* grad_row = grad_output + i * N;
+        if (vector_type) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            gemm::activation_grad_row(isa, *vector_type, act, grad_row, pre ? pre + i * N : nullptr,
+                                      grad_pre ? grad_pre + i * N : nullptr, sums, N);
+          }
+          continue;
+        }
         if (act != Activation::none) {
           activation_values(isa, act, /*derivative=*/true, pre + i * N, derivative.data(), N);
         }
@@ -185,14 +213,6 @@ void store_rounded(const acc_t* src, scalar_t* dst, int64_t n, bool accumulate) 
 
 // ---- our GEMM ------------------------------------------------------------------------------
 
-// The element type our GEMM runs `dtype` in on the active ISA, or nullopt for ATen's path.
-std::optional<gemm::ElementType> gemm_type(at::ScalarType dtype, CpuIsa isa) {
-  std::optional<gemm::ElementType> type;
-  if (dtype == at::kFloat) type = gemm::ElementType::float32;
-  if (dtype == at::kBFloat16) type = gemm::ElementType::bfloat16;
-  if (type && !gemm::supports(isa, *type)) type.reset();
-  return type;
-}
 
 // Forward through our GEMM: output = act(X W^T + b), pre = X W^T + b.
 void forward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& input_rows,

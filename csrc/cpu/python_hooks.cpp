@@ -19,6 +19,15 @@ CpuIsa isa_from_name(const std::string& name) {
   return isa;
 }
 
+at::ScalarType dtype_from_name(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(name == "float64", "chainrule: unknown dtype '", name,
+              "'; expected float32, bfloat16, float16 or float64");
+  return at::kDouble;
+}
+
 // C = A · B for 2-D row-major float32 / bfloat16 tensors, on our GEMM with the active ISA.
 at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
@@ -91,12 +100,7 @@ void add_python_hooks(pybind11::module_& m) {
   m.def("_cpu_gemm_mode", [] { return std::string(gemm_path_mode_name(gemm_path_mode())); });
   m.def("_cpu_gemm_path",
         [](const std::string& dtype, bool backward, int64_t m, int64_t n, int64_t k) {
-          at::ScalarType type;
-          if (dtype == "float32") type = at::kFloat;
-          else if (dtype == "bfloat16") type = at::kBFloat16;
-          else if (dtype == "float16") type = at::kHalf;
-          else if (dtype == "float64") type = at::kDouble;
-          else TORCH_CHECK(false, "chainrule: unknown dtype '", dtype, "'");
+          const at::ScalarType type = dtype_from_name(dtype);
           std::optional<gemm::ElementType> element;
           if (type == at::kFloat) element = gemm::ElementType::float32;
           if (type == at::kBFloat16) element = gemm::ElementType::bfloat16;
@@ -108,6 +112,23 @@ void add_python_hooks(pybind11::module_& m) {
         pybind11::arg("n"), pybind11::arg("k"),
         "'ours' or 'aten': the GEMM a CPU linear call with m rows, n = out_features and "
         "k = in_features takes now");
+  m.def("_choose_cpu_gemm_path",
+        [](const std::string& vendor, bool avx512_bf16, bool amx_bf16, bool ours_available,
+           const std::string& dtype, bool backward, int64_t m, int64_t n, int64_t k) {
+          CpuTraits cpu;
+          cpu.vendor = vendor == "intel" ? CpuTraits::Vendor::intel
+                       : vendor == "amd" ? CpuTraits::Vendor::amd : CpuTraits::Vendor::other;
+          cpu.avx512_bf16 = avx512_bf16;
+          cpu.amx_bf16 = amx_bf16;
+          const at::ScalarType type = dtype_from_name(dtype);
+          const LinearPass pass = backward ? LinearPass::backward : LinearPass::forward;
+          return pybind11::make_tuple(
+              std::string(gemm_path_name(
+                  choose_gemm_path(cpu, ours_available, type, pass, m, n, k))),
+              aten_multiplies_low_precision(cpu, type));
+        },
+        "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
+        "bf16/fp16 as they are)");
   m.def("_cpu_traits", [] {
     const CpuTraits& t = cpu_traits();
     pybind11::dict d;

@@ -279,3 +279,46 @@ void run_block(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int
     });
   }
 }
+
+// The elementwise passes of the linear layer's ATen path (csrc/cpu/linear.cpp), with the same
+// vector activations and conversions as the write-back and the packing above.
+// out = act(pre) over n values of the kernel's element type.
+template <class Kernel>
+void activation_pass(chainrule::Activation activation, const void* pre_values, void* out_values,
+                     int64_t n) {
+  using In = typename Kernel::In;
+  using V = typename Kernel::V;
+  const In* pre = static_cast<const In*>(pre_values);
+  In* out = static_cast<In*>(out_values);
+  chainrule::dispatch_activation(activation, [&](auto a) {
+    constexpr chainrule::Activation A = decltype(a)::value;
+    for (int64_t i = 0; i < n; i += V::width) {
+      const int w = static_cast<int>(std::min<int64_t>(V::width, n - i));
+      Kernel::store(out + i, simd_activation_forward<A, V>(Kernel::load(pre + i, w)), w);
+    }
+  });
+}
+
+// One row of the backward prologue: dZ = dY * act'(Z) in float32, stored in the element type
+// when grad_pre is set, and sums[j] += dZ[j] (the unrounded value) when sums is set.
+template <class Kernel>
+void activation_grad_row(chainrule::Activation activation, const void* grad_values,
+                         const void* pre_values, void* grad_pre_values, float* sums, int64_t n) {
+  using In = typename Kernel::In;
+  using V = typename Kernel::V;
+  const In* grad = static_cast<const In*>(grad_values);
+  const In* pre = static_cast<const In*>(pre_values);
+  In* grad_pre = static_cast<In*>(grad_pre_values);
+  chainrule::dispatch_activation(activation, [&](auto a) {
+    constexpr chainrule::Activation A = decltype(a)::value;
+    for (int64_t i = 0; i < n; i += V::width) {
+      const int w = static_cast<int>(std::min<int64_t>(V::width, n - i));
+      auto g = Kernel::load(grad + i, w);
+      if constexpr (A != chainrule::Activation::none) {
+        g = V::mul(g, simd_activation_derivative<A, V>(Kernel::load(pre + i, w)));
+      }
+      if (grad_pre) Kernel::store(grad_pre + i, g, w);
+      if (sums) Kernel::store_f32(sums + i, V::add(Kernel::load_f32(sums + i, w), g), w);
+    }
+  });
+}

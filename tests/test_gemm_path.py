@@ -1,0 +1,135 @@
+"""The rule that sends a CPU linear call to our GEMM or to ATen's (csrc/cpu/gemm_path.cpp).
+
+The rule is a pure function of the CPU and the problem; these tests hold it against every CPU
+class it names, check the switches (CHAINRULE_CPU_GEMM, chainrule._C._set_cpu_gemm) and that both
+paths compute the same layer. Which path is faster is measured by benchmarks/bench_sweep.py.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import chainrule
+from chainrule.functional import linear
+
+C = chainrule._C
+
+
+def rule(vendor, dtype="float32", backward=False, m=512, n=1024, k=1024, *, avx512_bf16=True,
+         amx_bf16=False, ours_available=True):
+    return C._choose_cpu_gemm_path(vendor, avx512_bf16, amx_bf16, ours_available, dtype,
+                                   backward, m, n, k)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_intel_takes_aten_for_fp32_and_bf16(backward):
+    for m, n, k in [(1, 1024, 1024), (512, 768, 3072), (4096, 4096, 1024)]:
+        assert rule("intel", "float32", backward, m, n, k)[0] == "aten"
+        assert rule("intel", "bfloat16", backward, m, n, k, amx_bf16=True)[0] == "aten"
+
+
+def test_amd_fp32_takes_ours_once_every_gemm_is_large_enough():
+    assert rule("amd", "float32", False, 4096, 4096, 1024)[0] == "ours"
+    assert rule("amd", "float32", True, 4096, 4096, 1024)[0] == "ours"
+    assert rule("amd", "float32", False, 64, 1024, 1024)[0] == "ours"
+    # decoding and small batches: the weight-sized packing is not paid back
+    for m in (1, 8, 31):
+        assert rule("amd", "float32", False, m, 1024, 1024)[0] == "aten"
+        assert rule("amd", "float32", True, m, 1024, 1024)[0] == "aten"
+    # a short reduction (k) or a narrow output (n) in any of the three GEMMs
+    assert rule("amd", "float32", False, 512, 1024, 32)[0] == "aten"
+    assert rule("amd", "float32", True, 512, 32, 1024)[0] == "aten"
+    assert rule("amd", "float32", True, 48, 1024, 1024)[0] == "aten"  # wgrad's k is m
+
+
+def test_bf16_takes_oneDNN_and_unknown_cpus_take_aten():
+    for vendor in ("intel", "amd", "other"):
+        assert rule(vendor, "bfloat16")[0] == "aten"
+    assert rule("other", "float32", False, 4096, 4096, 4096)[0] == "aten"
+    assert rule("amd", "float32", ours_available=False)[0] == "aten"
+
+
+def test_low_precision_multiplies_as_is_only_with_bf16_instructions():
+    assert rule("amd", "bfloat16", avx512_bf16=True)[1] is True
+    assert rule("intel", "bfloat16", avx512_bf16=False, amx_bf16=True)[1] is True
+    assert rule("intel", "bfloat16", avx512_bf16=False, amx_bf16=False)[1] is False
+    assert rule("intel", "float16", avx512_bf16=False, amx_bf16=False)[1] is False
+    assert rule("intel", "float32", avx512_bf16=True)[1] is False
+
+
+def test_this_cpu_is_described():
+    traits = C._cpu_traits()
+    assert traits["vendor"] in ("intel", "amd", "other")
+    assert traits["family"] > 0
+    if traits["amx_bf16"] or traits["avx512_bf16"]:
+        assert traits["vendor"] != "other"
+
+
+def test_switch_forces_a_path_and_back():
+    fp32_ours = C._cpu_isa() != "fallback"
+    try:
+        C._set_cpu_gemm("ours")
+        assert chainrule.backends.cpu_gemm_mode() == "ours"
+        expected = "ours" if fp32_ours else "aten"
+        assert chainrule.backends.cpu_gemm_path(1, 64, 64) == expected
+        assert chainrule.backends.cpu_gemm_path(1, 64, 64, torch.float64) == "aten"
+        C._set_cpu_gemm("aten")
+        assert chainrule.backends.cpu_gemm_path(4096, 4096, 4096) == "aten"
+        assert chainrule.build_info()["cpu_gemm"] == "aten"
+    finally:
+        C._set_cpu_gemm(None)
+    assert chainrule.backends.cpu_gemm_mode() == os.environ.get("CHAINRULE_CPU_GEMM", "auto")
+    with pytest.raises(RuntimeError, match=r"unknown CPU GEMM mode 'fast'; expected 'auto', "
+                                           r"'ours' or 'aten'"):
+        C._set_cpu_gemm("fast")
+    with pytest.raises(ValueError, match=r"cpu_gemm_path: dtype must be a floating dtype, got "
+                                         r"torch.int32"):
+        chainrule.backends.cpu_gemm_path(1, 2, 3, torch.int32)
+
+
+def _run_with_env(value, code):
+    env = dict(os.environ, CHAINRULE_CPU_GEMM=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_environment_variable():
+    done = _run_with_env("aten", "import chainrule; print(chainrule.build_info()['cpu_gemm'], "
+                                 "chainrule.backends.cpu_gemm_path(4096, 4096, 4096))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["aten", "aten"]
+    done = _run_with_env("fastest", "import torch, chainrule; "
+                                    "chainrule.functional.linear(torch.ones(2, 3), torch.ones(4, 3))")
+    assert done.returncode != 0
+    assert "CHAINRULE_CPU_GEMM: expected auto, ours or aten, got 'fastest'" in done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+@pytest.mark.parametrize("shape", [(1, 64, 64), (33, 769, 255), (130, 96, 200)], ids=str)
+def test_both_paths_compute_the_same_layer(dtype, activation, shape):
+    """Output and gradients of the two paths agree (each is held against float64 elsewhere)."""
+    m, k, n = shape
+    torch.manual_seed(m + k + n)
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) * k ** -0.5
+    b = torch.randn(n, dtype=dtype)
+    dy = torch.randn(m, n, dtype=dtype)
+    results = {}
+    try:
+        for mode in ("ours", "aten"):
+            C._set_cpu_gemm(mode)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            y = linear(*leaves, activation)
+            y.backward(dy)
+            results[mode] = [y.detach().double()] + [t.grad.double() for t in leaves]
+    finally:
+        C._set_cpu_gemm(None)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for ours, aten, name in zip(results["ours"], results["aten"], ("y", "dx", "dw", "db")):
+        scale = aten.abs().max().clamp_min(1.0)
+        assert (ours - aten).abs().max() <= tol * scale, name
