@@ -44,6 +44,12 @@ GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarT
 GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, int64_t m,
                    int64_t n, int64_t k);
 
+// Whether a CPU layer with m rows, n outputs and k inputs is so small that torch's own ops
+// (F.linear + the activation, called by chainrule.functional.linear before any chainrule op)
+// are faster than either GEMM: the fixed cost of a custom op and an autograd.Function, tens of
+// microseconds of Python and dispatch, exceeds the work. Only in auto mode.
+bool prefers_torch_ops(int64_t m, int64_t n, int64_t k);
+
 // Whether ATen's path multiplies bfloat16/float16 operands as they are (oneDNN's bf16 kernels on
 // CPUs with bf16 dot products or AMX: fp32 accumulation, one rounding, as F.linear does) rather
 // than widened to float32 first (CPUs without bf16 instructions, where ATen's bf16 GEMM is slow).

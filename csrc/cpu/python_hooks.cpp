@@ -129,6 +129,9 @@ void add_python_hooks(pybind11::module_& m) {
         },
         "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
         "bf16/fp16 as they are)");
+  m.def("_cpu_prefers_torch_ops", &prefers_torch_ops, pybind11::arg("m"), pybind11::arg("n"),
+        pybind11::arg("k"),
+        "Whether a CPU linear layer this small runs as torch's own F.linear + activation");
   m.def("_cpu_traits", [] {
     const CpuTraits& t = cpu_traits();
     pybind11::dict d;

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import _C, ops
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
 
@@ -199,6 +199,30 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
     return grad
 
 
+_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _runs_as_torch_ops(input, weight, bias) -> bool:
+    """Whether this call is a valid CPU layer so small that torch's own F.linear + activation is
+    faster than any custom op (the rule is csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid
+    inputs go on to the op, whose checks name what is wrong."""
+    if type(input) is not Tensor or type(weight) is not Tensor or input.device.type != "cpu":
+        return False
+    if weight.dim() != 2 or input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        return False
+    if input.dtype != weight.dtype or input.dtype not in _FLOATING or \
+            weight.device.type != "cpu" or input.layout != torch.strided or \
+            weight.layout != torch.strided:
+        return False
+    if bias is not None and (type(bias) is not Tensor or bias.dim() != 1 or
+                             bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or
+                             bias.device.type != "cpu" or bias.layout != torch.strided):
+        return False
+    rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    return _C._cpu_prefers_torch_ops(rows, weight.shape[0], weight.shape[1]) and \
+        _C._host_backend() == "cpu"
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
            activation: Optional[str] = None, *, accumulate_grad: bool = False) -> Tensor:
     """activation(input @ weight.T + bias), with the bias and activation fused into the GEMM.
@@ -207,6 +231,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     activation one of None, "relu", "gelu" (exact erf), "gelu_tanh", "silu". With
     accumulate_grad=True, backward adds the weight and bias gradients into an existing .grad in
     place (see the module docstring).
+
+    On the CPU, layers of at most 2^21 multiply-adds run as torch's own F.linear + activation
+    (their call overhead would exceed the work; CHAINRULE_CPU_GEMM=ours|aten turns this off), and
+    a call that needs no gradient runs the op without an autograd.Function.
     """
     act = activation_op_name(activation)
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
@@ -218,11 +246,15 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
+    if not torch.compiler.is_compiling() and _runs_as_torch_ops(input, weight, bias):
+        return _native_activation(F.linear(input, weight, bias), act)
     if accumulate_grad and torch.compiler.is_compiling():
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
-    save_pre_activation = needs_grad and act != "none"
+    if not needs_grad:
+        return ops.linear_forward(input, weight, bias, act, False)[0]
+    save_pre_activation = act != "none"
     output, _ = LinearFunction.apply(input, weight, bias, act, accumulate_grad,
                                      save_pre_activation)
     return output
