@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-SUBJECTS = ("linear", "gemm", "adam", "e2e", "fsdp")
+SUBJECTS = ("linear", "sweep", "gemm", "adam", "e2e", "fsdp")
 TITLES = {"machine": "Machine probe", "linear": "Fused linear layer (chainrule.nn.Linear)",
+          "sweep": "Linear layer shape sweep against eager (path: our GEMM or ATen's, fwd/bwd)",
           "gemm": "GEMM", "adam": "Fused Adam (chainrule.optim.Adam)",
           "e2e": "Training step, end to end", "fsdp": "Optimizer step under FSDP2 (2 ranks)"}
 

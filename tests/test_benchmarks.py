@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH))
 
 import harness  # noqa: E402
 
-SCRIPTS = ("bench_machine.py", "bench_linear.py", "bench_gemm.py", "bench_adam.py",
+SCRIPTS = ("bench_machine.py", "bench_linear.py", "bench_sweep.py", "bench_gemm.py", "bench_adam.py",
            "bench_e2e.py", "run_all.py")
 ROW_KEYS = {"subject", "label", "size", "config", "check", "status", "unit", "chainrule",
             "baselines", "ratios", "throughput", "pct_peak"}
@@ -58,7 +58,7 @@ def test_help(script, capsys):
             assert option in out
 
 
-@pytest.mark.parametrize("subject", ("linear", "gemm", "adam", "e2e"))
+@pytest.mark.parametrize("subject", ("linear", "sweep", "gemm", "adam", "e2e"))
 def test_smoke_json(smoke_run, subject):
     out, _ = smoke_run
     data = json.loads((out / f"{subject}.json").read_text())
@@ -94,15 +94,15 @@ def test_smoke_report_and_plots(smoke_run):
     report = (out / "report.md").read_text()
     assert "## Measured peaks" in report
     header = "| " + " | ".join(harness.TABLE_HEADER) + " |"
-    assert report.count(header) == 5
-    for subject in ("linear", "gemm", "adam", "e2e", "fsdp"):
+    assert report.count(header) == 6
+    for subject in ("linear", "sweep", "gemm", "adam", "e2e", "fsdp"):
         png = out / "plots" / f"{subject}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{subject}.png" in report
     # the aligned table on stdout: header, rule, and rows with the same column separators
     lines = stdout.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("shape ")]
-    assert len(headers) == 5
+    assert len(headers) == 6
     for i in headers:
         assert set(lines[i + 1]) <= {"-", "+"}
         assert lines[i + 2].count("|") == lines[i].count("|") == len(harness.TABLE_HEADER) - 1

@@ -200,26 +200,29 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
 
 
 _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as DTensor
+_STRIDED = torch.strided
 
 
 def _runs_as_torch_ops(input, weight, bias) -> bool:
     """Whether this call is a valid CPU layer so small that torch's own F.linear + activation is
     faster than any custom op (the rule is csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid
-    inputs go on to the op, whose checks name what is wrong."""
-    if type(input) is not Tensor or type(weight) is not Tensor or input.device.type != "cpu":
+    inputs go on to the op, whose checks name what is wrong. Written for speed: it runs on every
+    call, and .device would cost more than the rest together."""
+    if type(input) not in _PLAIN or type(weight) not in _PLAIN or not input.is_cpu or \
+            not weight.is_cpu or weight.ndim != 2 or input.ndim == 0:
         return False
-    if weight.dim() != 2 or input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+    in_features = weight.shape[1]
+    if input.shape[-1] != in_features or input.dtype is not weight.dtype or \
+            input.dtype not in _FLOATING or input.layout is not _STRIDED or \
+            weight.layout is not _STRIDED:
         return False
-    if input.dtype != weight.dtype or input.dtype not in _FLOATING or \
-            weight.device.type != "cpu" or input.layout != torch.strided or \
-            weight.layout != torch.strided:
+    if bias is not None and (type(bias) not in _PLAIN or not bias.is_cpu or bias.ndim != 1 or
+                             bias.shape[0] != weight.shape[0] or bias.dtype is not weight.dtype or
+                             bias.layout is not _STRIDED):
         return False
-    if bias is not None and (type(bias) is not Tensor or bias.dim() != 1 or
-                             bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or
-                             bias.device.type != "cpu" or bias.layout != torch.strided):
-        return False
-    rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
-    return _C._cpu_prefers_torch_ops(rows, weight.shape[0], weight.shape[1]) and \
+    rows = input.numel() // in_features if in_features else 0
+    return _C._cpu_prefers_torch_ops(rows, weight.shape[0], in_features) and \
         _C._host_backend() == "cpu"
 
 
@@ -237,7 +240,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     a call that needs no gradient runs the op without an autograd.Function.
     """
     act = activation_op_name(activation)
-    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+    if isinstance(input, Tensor) and torch._C._is_any_autocast_enabled() and \
+            torch.is_autocast_enabled(input.device.type):
         # What autocast does for F.linear: compute in the autocast dtype. The op itself then runs
         # with autocast off, so nothing inside it is cast again.
         device_type = input.device.type
