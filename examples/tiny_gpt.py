@@ -2,12 +2,22 @@
 """A character-level GPT (in the manner of nanoGPT's shakespeare_char) trained on the text of
 Python's own documentation topics (the `pydoc_data.topics` module that ships with Python), twice
 from the same initial weights and batches: as written in PyTorch (nn.Linear + nn.GELU,
-torch.optim.AdamW(fused=True)), and after `chainrule.convert`, which makes every MLP's first layer
-a chainrule.nn.Linear with its GELU fused (chainrule.optim.AdamW). Prints both validation losses
-and times per step, samples text from chainrule's model at the end.
+torch.optim.AdamW(fused=True)), and after `chainrule.convert`, which swaps every nn.Linear for a
+chainrule.nn.Linear and fuses each MLP's GELU into its first layer (chainrule.optim.AdamW).
+Prints both validation losses and times per step, samples text from chainrule's model at the end.
 
-    python examples/tiny_gpt.py            # ~2 minutes on a 2-core CPU; validation loss < 2.0
+    python examples/tiny_gpt.py            # ~2 minutes on a 2-core CPU; validation loss < 1.8
     python examples/tiny_gpt.py --smoke    # seconds: checks that it runs
+
+The defaults (3 layers, d_model 96, 64 characters of context, 500 steps of 32 sequences) are sized
+for about two minutes on a quiet 2-core CPU, both models included. Predicting each character from
+its frequency alone scores 3.24 nats per character on the validation text, and from the character
+before it 2.32 (both printed); the model reaches 1.654 (chainrule and torch alike), so it has
+learnt more than pairs of letters. That run took 84 s of CPU time on one thread of a 2-core Intel
+Xeon (5 min 49 s of wall time: the machine was shared with other work).
+
+Dropout is off by default: 500 steps see the training text about 2.4 times, too few to overfit,
+and on CPU scaled_dot_product_attention with dropout leaves its fused kernel for a much slower one.
 """
 from __future__ import annotations
 
@@ -67,23 +77,35 @@ class GPT(nn.Module):
         return ids
 
 
+def frequency_baselines(train, val, vocab: int) -> tuple[float, float]:
+    """Cross-entropy on `val` of the character frequencies and of the pair frequencies counted on
+    `train` (add-one smoothing): what a model that learnt nothing more would score."""
+    single = torch.bincount(train, minlength=vocab).double() + 1
+    unigram = -(single / single.sum()).log()[val].mean()
+    pairs = torch.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).double()
+    pairs = pairs.view(vocab, vocab) + 1
+    bigram = -(pairs / pairs.sum(1, keepdim=True)).log()[val[:-1], val[1:]].mean()
+    return float(unigram), float(bigram)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--target-loss", type=float, default=2.0,
+    p.add_argument("--d-model", type=int, default=96)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--target-loss", type=float, default=1.8,
                    help="the validation loss (nats per character) the defaults reach")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.d_model, args.layers, args.block_size = 8, 32, 1, 16
+        args.steps, args.d_model, args.heads, args.layers, args.block_size = 8, 32, 1, 1, 16
 
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[k] for k in sorted(topics))
@@ -94,6 +116,9 @@ def main(argv=None) -> int:
     train, val = data[:split], data[split:]
     print(f"data: pydoc_data.topics, {len(text)} characters, {len(chars)} distinct; "
           f"{len(train)} to train, {len(val)} to validate")
+    unigram, bigram = frequency_baselines(train, val, len(chars))
+    print(f"on the validation text, predicting a character from its frequency scores "
+          f"{unigram:.2f} nats per character, from the character before it {bigram:.2f}")
 
     generator = torch.Generator().manual_seed(0)
 
@@ -104,7 +129,8 @@ def main(argv=None) -> int:
         return source[start[:, None] + offsets], source[start[:, None] + offsets + 1]
 
     torch.manual_seed(0)
-    reference = GPT(len(chars), args.block_size, args.d_model, args.layers, args.heads)
+    reference = GPT(len(chars), args.block_size, args.d_model, args.layers, args.heads,
+                    args.dropout)
     ours, report = chainrule.convert(copy.deepcopy(reference), return_report=True)
     print(report.summary().splitlines()[0] + "; " + report.summary().splitlines()[1].strip())
     models = {"chainrule": ours, "torch": reference}
@@ -145,7 +171,8 @@ def main(argv=None) -> int:
                   f"steps of {args.batch_size}x{args.block_size} characters", results, timers)
     reached = float(results["chainrule"]["validation loss"]) < args.target_loss
     print(f"  chainrule's validation loss {'is below' if reached else 'did NOT reach'} "
-          f"{args.target_loss} nats per character")
+          f"{args.target_loss} nats per character"
+          + (" (a --smoke run is too short to)" if args.smoke and not reached else ""))
     path = plot(args.out / "tiny_gpt.png", "char-level GPT", timers, "cross-entropy (nats/char)")
     print(f"  plot: {path}")
 

@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -241,6 +242,21 @@ def test_modules_it_must_not_touch_are_left_and_named():
     torch.testing.assert_close(model[:4](x), original[:4](x))
 
 
+def test_quantized_linear_is_left_whole_and_named():
+    import torch.ao.nn.qat as qat
+    import torch.ao.nn.quantized.dynamic as quantized_dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation notes for torch.ao
+        qat_linear = qat.Linear(8, 8, qconfig=torch.ao.quantization.get_default_qat_qconfig())
+        model = nn.Sequential(quantized_dynamic.Linear(8, 8), nn.ReLU(), qat_linear, nn.ReLU(),
+                              nn.Linear(8, 8))
+    model, report = chainrule.convert(model, return_report=True)
+    left = dict(report.left)
+    assert sorted(left) == ["0", "2"], report  # the quantized layer's packed params are its own
+    assert "quantized linear layer" in left["0"] and "own forward" in left["2"]
+    assert report.swapped == ["4"] and report.fused == []
+
+
 def test_forward_hooks_block_fusion():
     model = mlp("relu")
     seen = []
@@ -366,8 +382,10 @@ def test_transformers_model(build, layers, expected_fused):
     per_layer = {name.split(".layers.")[-1].split(".layer.")[-1].split(".")[0]
                  for name, _, _ in report.fused}
     assert len(report.fused) >= layers and len(per_layer) == layers, report.fused
+    assert report.left == []
     summary = report.summary()
     assert f"{len(linears)} Linear layer(s) swapped" in summary and "fused:" in summary
+    assert "0 module(s) left" in summary
 
     ids = torch.randint(0, vocab, (2, 12))
     labels = torch.randint(0, 3, (2,)) if "Bert" in type(original).__name__ else ids
@@ -389,6 +407,35 @@ def test_transformers_model(build, layers, expected_fused):
             opt.step()
             losses.append(loss.item())
         assert abs(losses[1] - losses[0]) <= 1e-5 * abs(losses[0]), (step, losses)
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"),
+    ("silu", "silu"), ("relu", "relu"), ("gelu_fast", None),
+])
+def test_transformers_activation_modules(key, expected):
+    """The MLP of GPT-2-style models written with nn.Linear (c_fc -> ACT2FN[...] -> c_proj), traced:
+    transformers' activation modules fuse as what they compute; one chainrule lacks (FastGELU's
+    polynomial) is left in place, the Linear plainly swapped."""
+    from transformers.activations import ACT2FN
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.act, self.c_proj = nn.Linear(8, 32), ACT2FN[key], nn.Linear(32, 8)
+            self.dropout = nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+    original = MLP()
+    model, report = chainrule.convert(copy.deepcopy(original), return_report=True)
+    assert report.swapped == ["c_fc", "c_proj"] and report.traced == ["<root>"]
+    if expected is None:
+        assert report.fused == [] and not isinstance(model.act, nn.Identity)
+    else:
+        assert report.fused == [("c_fc", expected, "act")] and isinstance(model.act, nn.Identity)
+    check_same_function(original, model, 5, 8)
 
 
 def test_gpt2_conv1d_is_reported_as_left():

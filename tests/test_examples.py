@@ -13,11 +13,17 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # example -> (extra arguments, words its summary must print, whether it saves a plot)
 CASES = {
-    "mnist_mlp": (["--data-dir", "{tmp}/data"], ["test accuracy", "chainrule", "torch"], True),
-    "finetune_bert": ([], ["chainrule", "torch"], True),
-    "tiny_gpt": ([], ["chainrule", "torch"], True),
-    "autograd_graph": ([], ["LinearFunctionBackward", "AccumulateGrad",
-                            "linear_backward_accumulate"], False),
+    "mnist_mlp": (["--data-dir", "{tmp}/data"], ["test accuracy", "chainrule", "torch",
+                                                 "chainrule's test accuracy"], True),
+    "finetune_bert": ([], ["test accuracy", "chainrule", "torch", "chance",
+                           "chainrule's test accuracy"], True),
+    "tiny_gpt": ([], ["validation loss", "chainrule", "torch", "chainrule's validation loss",
+                      "from the character before it", "sample from chainrule's model"], True),
+    "autograd_graph": ([], ["AddmmBackward0", "TBackward0", "GeluBackward0", "AccumulateGrad",
+                            "LinearFunctionBackward", "saved for backward", "new memory",
+                            "passes over memory", "side by side",
+                            "what accumulate_grad changes", "linear_backward_accumulate"],
+                       False),
 }
 
 

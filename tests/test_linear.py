@@ -303,6 +303,60 @@ def test_accumulate_grad_adds_in_the_kernel_without_a_temporary(backend_one_orde
         torch.testing.assert_close(p_ours.grad, p_theirs.grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_backward_fills_no_gradient_for_the_pre_activation(backend_one_order, activation):
+    """The pre-activation output never receives a gradient: backward runs the one backward op and
+    writes no output-sized zeros for it (autograd materializes them unless told not to)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views (expand, detach) move no memory
+                self.calls.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    device = backend_one_order.device
+    layer = chainrule.nn.Linear(6, 5, activation=None if activation == "none" else activation,
+                                device=device, dtype=torch.float64)
+    x = torch.randn(7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    loss = layer(x).sum()
+    with Record() as record:
+        loss.backward()
+    assert record.calls == ["aten.ones_like", "chainrule.linear_backward"], record.calls
+
+
+@pytest.mark.parametrize("accumulate_grad", [False, True])
+def test_output_without_a_gradient_leaves_grad_as_nn_linear_does(backend_one_order,
+                                                                  accumulate_grad):
+    """An output whose gradient is undefined (a Function returning None for it) gives no .grad,
+    as with nn.Linear, instead of a backward on missing gradients."""
+
+    class Blocks(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    device = backend_one_order.device
+    ours = chainrule.nn.Linear(6, 5, activation="gelu", accumulate_grad=accumulate_grad,
+                               device=device, dtype=torch.float64)
+    theirs = torch.nn.Linear(6, 5, device=device, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    for y in (ours(x), F.gelu(theirs(x))):
+        (Blocks.apply(y).sum() + x.sum()).backward()
+    assert ours.weight.grad is None and theirs.weight.grad is None
+    assert ours.bias.grad is None and theirs.bias.grad is None
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
 def test_accumulate_grad_tensor_hooks_see_this_backward_s_gradient(backend_one_order):
     """A tensor hook (register_hook) receives the gradient of this backward alone and may replace
     it, as with nn.Linear; the result is added into the existing .grad."""

@@ -290,12 +290,16 @@ def convert(module: nn.Module, *, fuse_activations: bool = True, accumulate_grad
         objects[id(sub)] = sub
 
     to_swap: dict[int, str] = {}
+    left_alone: list[str] = []  # a module left alone is left whole: its insides are not reported
     for key, names in places.items():
         sub, name = objects[key], names[0]
+        if any(name.startswith(f"{outer}.") for outer in left_alone):
+            continue
         if not isinstance(sub, nn.Linear):
             reason = _left_reason_for_non_linear(sub)
             if reason is not None:
                 report.left.append((name, reason))
+                left_alone.append(name)
             continue
         if isinstance(sub, chainrule_nn.Linear):
             continue

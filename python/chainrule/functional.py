@@ -82,6 +82,9 @@ class LinearFunction(torch.autograd.Function):
         input, weight, bias, activation, accumulate_grad, _ = inputs
         _, pre_activation = output
         ctx.mark_non_differentiable(pre_activation)
+        # pre_activation never receives a gradient: without this, autograd would fill a zero
+        # tensor of the output's size for it on every backward (a full pass over memory).
+        ctx.set_materialize_grads(False)
         ctx.activation = activation
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, weight, bias, pre_activation)
@@ -97,6 +100,8 @@ class LinearFunction(torch.autograd.Function):
         input, weight, bias, pre_activation = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
+        if grad_output is None:  # the output took no part in the loss (grads not materialized)
+            return None, None, None, None, None, None
         if torch.is_grad_enabled():
             return LinearFunction._differentiable_backward(ctx, grad_output)
         pre = pre_activation if activation != "none" else None
