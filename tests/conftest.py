@@ -78,6 +78,15 @@ def running_on(name: str):
         raise ValueError(name)
 
 
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size():
+    """Tiny CPU layers run as torch's own F.linear + activation for users (auto mode); the suite
+    tests chainrule's kernels at every size, so it turns that off. test_gemm_path.py tests it."""
+    chainrule._C._set_cpu_small_layers_to_torch(False)
+    yield
+    chainrule._C._set_cpu_small_layers_to_torch(True)
+
+
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request):
     with running_on(request.param) as b:

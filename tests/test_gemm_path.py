@@ -133,3 +133,51 @@ def test_both_paths_compute_the_same_layer(dtype, activation, shape):
     for ours, aten, name in zip(results["ours"], results["aten"], ("y", "dx", "dw", "db")):
         scale = aten.abs().max().clamp_min(1.0)
         assert (ours - aten).abs().max() <= tol * scale, name
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_tiny_layers_run_as_torch_ops_in_auto_mode(activation):
+    """Up to 2^21 multiply-adds a CPU layer is F.linear + the activation (no chainrule op runs);
+    above, and in a forced mode, chainrule's ops run. Values and gradients match either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    def run(m, k, n):
+        x = torch.randn(m, k, requires_grad=True)
+        w = torch.randn(n, k, requires_grad=True)
+        with Record() as record:
+            y = linear(x, w, None, activation)
+            y.sum().backward()
+        ref = F_linear_act(x.detach(), w.detach(), activation)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        return [op for op in record.ops if op.startswith("chainrule.")]
+
+    assert not C._cpu_prefers_torch_ops(1, 1, 1)  # the suite runs with it off (conftest)
+    C._set_cpu_small_layers_to_torch(True)
+    try:
+        assert C._cpu_prefers_torch_ops(1, 1024, 2048)
+        assert not C._cpu_prefers_torch_ops(1, 1024, 2049)
+        assert run(8, 64, 64) == []
+        assert run(64, 256, 256) != []  # 4M multiply-adds
+        C._set_cpu_gemm("aten")
+        assert not C._cpu_prefers_torch_ops(1, 1, 1)
+        assert run(8, 64, 64) != []
+    finally:
+        C._set_cpu_gemm(None)
+        C._set_cpu_small_layers_to_torch(False)
+    assert run(8, 64, 64) != []
+
+
+def F_linear_act(x, w, activation):
+    import torch.nn.functional as F
+    z = F.linear(x, w)
+    return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](z)

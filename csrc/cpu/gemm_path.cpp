@@ -112,11 +112,16 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
   return choose_gemm_path(cpu_traits(), ours_available, dtype, pass, m, n, k);
 }
 
+std::atomic<bool> g_small_layers_to_torch{true};
+
+void set_small_layers_to_torch(bool enabled) { g_small_layers_to_torch.store(enabled); }
+
 bool prefers_torch_ops(int64_t m, int64_t n, int64_t k) {
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two
   // cores, about what chainrule's Python layers and op dispatch cost (bench_sweep.py).
   constexpr double kMaxMultiplyAdds = double(1 << 21);
-  return gemm_path_mode() == GemmPathMode::automatic &&
+  return g_small_layers_to_torch.load(std::memory_order_relaxed) &&
+         gemm_path_mode() == GemmPathMode::automatic &&
          static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) <= kMaxMultiplyAdds;
 }
 

@@ -47,8 +47,11 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // Whether a CPU layer with m rows, n outputs and k inputs is so small that torch's own ops
 // (F.linear + the activation, called by chainrule.functional.linear before any chainrule op)
 // are faster than either GEMM: the fixed cost of a custom op and an autograd.Function, tens of
-// microseconds of Python and dispatch, exceeds the work. Only in auto mode.
+// microseconds of Python and dispatch, exceeds the work. Only in auto mode, and only while
+// set_small_layers_to_torch(true) (the default; the test suite turns it off to test our kernels
+// at every size).
 bool prefers_torch_ops(int64_t m, int64_t n, int64_t k);
+void set_small_layers_to_torch(bool enabled);
 
 // Whether ATen's path multiplies bfloat16/float16 operands as they are (oneDNN's bf16 kernels on
 // CPUs with bf16 dot products or AMX: fp32 accumulation, one rounding, as F.linear does) rather

@@ -132,6 +132,8 @@ void add_python_hooks(pybind11::module_& m) {
   m.def("_cpu_prefers_torch_ops", &prefers_torch_ops, pybind11::arg("m"), pybind11::arg("n"),
         pybind11::arg("k"),
         "Whether a CPU linear layer this small runs as torch's own F.linear + activation");
+  m.def("_set_cpu_small_layers_to_torch", &set_small_layers_to_torch,
+        "Whether tiny CPU layers run as torch's own ops in auto mode (default True)");
   m.def("_cpu_traits", [] {
     const CpuTraits& t = cpu_traits();
     pybind11::dict d;

@@ -74,13 +74,12 @@ class LinearFunction(torch.autograd.Function):
     unless you need this layer."""
 
     @staticmethod
-    def forward(input, weight, bias, activation, accumulate_grad, save_pre_activation):
-        return ops.linear_forward(input, weight, bias, activation, save_pre_activation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, activation, accumulate_grad, _ = inputs
-        _, pre_activation = output
+    def forward(ctx, input, weight, bias, activation, accumulate_grad, save_pre_activation):
+        # forward(ctx, ...) rather than forward + setup_context: with setup_context,
+        # Function.apply binds the arguments through inspect.signature on every call, which
+        # costs more than a small layer's whole forward.
+        output, pre_activation = ops.linear_forward(input, weight, bias, activation,
+                                                    save_pre_activation)
         ctx.mark_non_differentiable(pre_activation)
         # pre_activation never receives a gradient: without this, autograd would fill a zero
         # tensor of the output's size for it on every backward (a full pass over memory).
@@ -94,6 +93,7 @@ class LinearFunction(torch.autograd.Function):
                 torch.autograd.graph.get_gradient_edge(p).node
                 if p is not None and p.requires_grad and p.is_leaf else None
                 for p in (weight, bias))
+        return output, pre_activation
 
     @staticmethod
     def backward(ctx, grad_output, grad_pre_activation):
