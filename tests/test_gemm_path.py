@@ -166,6 +166,7 @@ def test_tiny_layers_run_as_torch_ops_in_auto_mode(activation):
         assert C._cpu_prefers_torch_ops(1, 1024, 2048)
         assert not C._cpu_prefers_torch_ops(1, 1024, 2049)
         assert run(8, 64, 64) == []
+        assert chainrule.backends.cpu_gemm_path(8, 64, 64) == "torch"
         assert run(64, 256, 256) != []  # 4M multiply-adds
         C._set_cpu_gemm("aten")
         assert not C._cpu_prefers_torch_ops(1, 1, 1)

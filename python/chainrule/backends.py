@@ -62,11 +62,12 @@ GEMM_MODES = ("auto", "ours", "aten")
 
 
 def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False) -> str:
-    """'ours' or 'aten': the GEMM that a CPU linear call with an (m, k) input and an (n, k)
-    weight runs on now (forward, or backward when `backward`).
+    """'ours', 'aten' or 'torch': how a CPU linear call with an (m, k) input and an (n, k)
+    weight runs now (forward, or backward when `backward`).
 
     chainrule's own GEMM fuses the epilogues into the kernel; ATen's (MKL / oneDNN) is followed by
-    chainrule's one-pass epilogues. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
+    chainrule's one-pass epilogues; 'torch' is a layer so small (at most 2^21 multiply-adds) that
+    chainrule.functional.linear runs it as torch's own F.linear + activation. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
     only on the CPU, the dtype and the shape, so a call always takes the same path. The
     environment variable CHAINRULE_CPU_GEMM=auto|ours|aten (read once) overrides it; `ours` still
     uses ATen where chainrule has no kernel for the dtype on this CPU.
@@ -79,6 +80,8 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False)
     if dtype not in names:
         raise ValueError(f"chainrule.backends.cpu_gemm_path: dtype must be a floating dtype, "
                          f"got {dtype}")
+    if _C._cpu_prefers_torch_ops(m, n, k):
+        return "torch"
     return _C._cpu_gemm_path(names[dtype], backward, m, n, k)
 
 
