@@ -9,16 +9,15 @@
 //    the micro-tile write-back; the backward applies act'(Z) while packing dY for dX (writing dZ
 //    out on the way, which dW then reads), adds dW into the gradient buffer in the write-back
 //    (beta = 1) and takes the bias gradient as row sums of the packed dZᵀ.
-//  - ATen's GEMM (MKL / oneDNN; also float64, float16 and ISA "fallback") with our epilogues done
-//    in one pass each: the forward is F.linear's addmm (bias inside the GEMM) and one activation
-//    pass that reads Z (kept as the pre-activation) and writes the output; the backward's one
-//    prologue pass writes dZ = dY * act'(Z) and the bias-gradient column sums, then the two GEMMs
-//    read dZ, the weight gradient's adding into the gradient buffer (beta = 1). bfloat16/float16
-//    multiply as they are where oneDNN has bf16 instructions (dZ rounded to the storage type, as
-//    torch's activation backward does), otherwise widened to float32 (one rounding at the end).
-// The activation passes use the vector activations of our GEMM's epilogues (cpu/gemm/simd_math.h)
-// on the active ISA, activation.h's scalar functions on "fallback" and for float64.
-// The math is csrc/include/chainrule/activation.h (its vector twins: cpu/gemm/simd_math.h).
+//  - ATen's GEMM (MKL / oneDNN; also float64, float16 and ISA "fallback"), run as eager PyTorch
+//    runs the layer but in one op: the forward is F.linear's addmm (bias inside the GEMM) and
+//    torch's activation, with Z itself kept as the pre-activation; the backward is torch's
+//    activation backward for dZ, fixed-order bias-gradient column sums, then the two GEMMs, the
+//    weight gradient's adding into the gradient buffer (beta = 1) instead of a temporary.
+//    bfloat16/float16 multiply as they are where oneDNN has bf16 instructions, otherwise they are
+//    widened to float32, with bias, rounding and activation in one scalar pass each way.
+// The math of our kernels is csrc/include/chainrule/activation.h (vector twins:
+// cpu/gemm/simd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -92,97 +91,70 @@ at::ScalarType aten_compute_type(at::ScalarType dtype) {
   return aten_multiplies_low_precision(cpu_traits(), dtype) ? dtype : at::kFloat;
 }
 
-// out[i] = act(in[i]), or act'(in[i]) when `derivative`, over n floats (in == out allowed): the
-// vector activations of our GEMM's epilogues on the active ISA, the scalar ones on "fallback".
-void activation_floats(CpuIsa isa, Activation act, bool derivative, const float* in, float* out,
-                       int64_t n) {
-  if (isa != CpuIsa::fallback) {
-    gemm::activation_map(isa, act, derivative, in, out, n);
-    return;
+// torch's own activation and its backward, as eager F.linear + activation runs them.
+at::Tensor torch_activation(const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::relu: return at::relu(z);
+    case Activation::gelu: return at::gelu(z);
+    case Activation::gelu_tanh: return at::gelu(z, "tanh");
+    case Activation::silu: return at::silu(z);
+    case Activation::none: break;
   }
-  dispatch_activation(act, [&](auto a) {
-    constexpr Activation A = decltype(a)::value;
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = derivative ? activation_derivative<A>(in[i]) : activation_forward<A>(in[i]);
-    }
-  });
+  return z;
 }
 
-// act(z) or act'(z) of n values of any storage type into `out` (float32, or float64 for double).
+at::Tensor torch_activation_backward(const at::Tensor& grad, const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::relu: return at::threshold_backward(grad, z, 0);
+    case Activation::gelu: return at::gelu_backward(grad, z);
+    case Activation::gelu_tanh: return at::gelu_backward(grad, z, "tanh");
+    case Activation::silu: return at::silu_backward(grad, z);
+    case Activation::none: break;
+  }
+  return grad;
+}
+
+// out[j] = sum_i values[i, j] of an (M, N) matrix in acc_t, in a fixed order (chunks of
+// kReduceRows rows, then the chunks in order): the same bits whatever the thread count.
 template <typename scalar_t, typename acc_t>
-void activation_values(CpuIsa isa, Activation act, bool derivative, const scalar_t* z, acc_t* out,
-                       int64_t n) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    dispatch_activation(act, [&](auto a) {
-      constexpr Activation A = decltype(a)::value;
-      for (int64_t i = 0; i < n; ++i) {
-        out[i] = derivative ? activation_derivative<A>(z[i]) : activation_forward<A>(z[i]);
+void column_sums(const scalar_t* values, acc_t* out, int64_t M, int64_t N) {
+  const int64_t chunks = (M + kReduceRows - 1) / kReduceRows;
+  std::vector<acc_t> partial(chunks * N, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      acc_t* sums = partial.data() + c * N;
+      for (int64_t i = c * kReduceRows; i < std::min(M, (c + 1) * kReduceRows); ++i) {
+        const scalar_t* row = values + i * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) sums[j] += static_cast<acc_t>(row[j]);
       }
-    });
-  } else {
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(z[i]);
-      activation_floats(isa, act, derivative, out, out, n);
-    } else {
-      activation_floats(isa, act, derivative, z, out, n);
     }
-  }
-}
-
-// output = act(Z) over n values, Z already in the storage type (ATen's addmm wrote it, rounded
-// once, as F.linear does).
-template <typename scalar_t>
-void activation_pass(CpuIsa isa, Activation act, const scalar_t* pre, scalar_t* out, int64_t n) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  constexpr int64_t kBlock = 2048;
-  const std::optional<gemm::ElementType> vector_type =
-      gemm_type(c10::CppTypeToScalarType<scalar_t>::value, isa);
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 8, [&](int64_t block_begin, int64_t block_end) {
-    acc_t values[kBlock];
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t first = block * kBlock, count = std::min(kBlock, n - first);
-      if (vector_type) {
-        gemm::activation_pass(isa, *vector_type, act, pre + first, out + first, count);
-        continue;
-      }
-      activation_values(isa, act, /*derivative=*/false, pre + first, values, count);
-      for (int64_t i = 0; i < count; ++i) out[first + i] = static_cast<scalar_t>(values[i]);
+  });
+  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * N + j];
+      out[j] = s;
     }
   });
 }
 
-// dZ = dY * act'(Z), stored as grad_t (nothing is stored when grad_pre is null), and
-// db = column sums of the unrounded dZ in acc_t, in a fixed order (deterministic).
-template <typename scalar_t, typename grad_t, typename acc_t>
-void backward_prologue(CpuIsa isa, Activation act, const scalar_t* grad_output,
-                       const scalar_t* pre, grad_t* grad_pre, acc_t* grad_bias, int64_t M,
-                       int64_t N) {
+// dZ = dY * act'(Z) in grad_t (not stored when grad_pre is null), and db = column sums of dZ in
+// acc_t, in a fixed order (deterministic whatever the thread count).
+template <Activation A, typename scalar_t, typename grad_t, typename acc_t>
+void backward_prologue(const scalar_t* grad_output, const scalar_t* pre, grad_t* grad_pre,
+                       acc_t* grad_bias, int64_t M, int64_t N) {
   const int64_t chunks = (M + kReduceRows - 1) / kReduceRows;
   std::vector<acc_t> partial(grad_bias ? chunks * N : 0, acc_t(0));
-  // The vector pass of our kernels where they run this dtype and dZ is kept in it.
-  std::optional<gemm::ElementType> vector_type;
-  if constexpr (std::is_same_v<grad_t, scalar_t> && std::is_same_v<acc_t, float>) {
-    vector_type = gemm_type(c10::CppTypeToScalarType<scalar_t>::value, isa);
-  }
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> derivative(act == Activation::none || vector_type ? 0 : N);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       acc_t* sums = grad_bias ? partial.data() + c * N : nullptr;
       for (int64_t i = c * kReduceRows; i < std::min(M, (c + 1) * kReduceRows); ++i) {
-        const scalar_t* grad_row = grad_output + i * N;
-        if (vector_type) {
-          if constexpr (std::is_same_v<acc_t, float>) {
-            gemm::activation_grad_row(isa, *vector_type, act, grad_row, pre ? pre + i * N : nullptr,
-                                      grad_pre ? grad_pre + i * N : nullptr, sums, N);
-          }
-          continue;
-        }
-        if (act != Activation::none) {
-          activation_values(isa, act, /*derivative=*/true, pre + i * N, derivative.data(), N);
-        }
         for (int64_t j = 0; j < N; ++j) {
-          acc_t g = static_cast<acc_t>(grad_row[j]);
-          if (act != Activation::none) g *= derivative[j];
+          acc_t g = static_cast<acc_t>(grad_output[i * N + j]);
+          if constexpr (A != Activation::none) {
+            g *= activation_derivative<A>(static_cast<acc_t>(pre[i * N + j]));
+          }
           if (grad_pre) grad_pre[i * N + j] = static_cast<grad_t>(g);
           if (sums) sums[j] += g;
         }
@@ -292,10 +264,12 @@ void backward_gemm(gemm::ElementType type, CpuIsa isa, const at::Tensor& grad_ro
     // No weight gradient asked: the bias gradient alone, in the one-pass prologue (dZ not kept).
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(),
                                     "chainrule.linear_backward", [&] {
-      backward_prologue<scalar_t, float, float>(
-          isa, act, grad_rows.const_data_ptr<scalar_t>(),
-          pre ? pre_rows.const_data_ptr<scalar_t>() : nullptr, /*grad_pre=*/nullptr,
-          bias_sums.mutable_data_ptr<float>(), M, N);
+      dispatch_activation(act, [&](auto a) {
+        backward_prologue<decltype(a)::value, scalar_t, float, float>(
+            grad_rows.const_data_ptr<scalar_t>(),
+            pre ? pre_rows.const_data_ptr<scalar_t>() : nullptr, /*grad_pre=*/nullptr,
+            bias_sums.mutable_data_ptr<float>(), M, N);
+      });
     });
   }
   if (grad_bias) {
@@ -340,42 +314,44 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
     return grad_input_rows.reshape(input.sizes());
   }
 
-  // ATen's GEMMs read dZ in the compute type. Without an activation and with nothing to widen,
-  // dZ is dY itself and the prologue only sums the bias gradient.
   const at::ScalarType compute = aten_compute_type(dtype);
-  const bool grad_pre_is_grad = activation == Activation::none && compute == dtype;
-  at::Tensor grad_pre =
-      grad_pre_is_grad ? grad_rows : at::empty({M, N}, grad_rows.options().dtype(compute));
+  at::Tensor grad_pre;  // dZ, (M, N) in the compute type
   at::Tensor bias_sums =
       grad_bias ? at::empty({N}, grad_rows.options().dtype(acc_dtype)) : at::Tensor();
+  if (compute == dtype) {
+    grad_pre = torch_activation_backward(grad_rows, pre_rows, activation);
+    if (grad_bias) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_backward", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        column_sums<scalar_t, acc_t>(grad_pre.const_data_ptr<scalar_t>(),
+                                     bias_sums.mutable_data_ptr<acc_t>(), M, N);
+      });
+    }
+  } else {
+    // Widened: dZ in float32 and the bias sums in one scalar pass.
+    grad_pre = at::empty({M, N}, grad_rows.options().dtype(compute));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_backward", [&] {
+      dispatch_activation(activation, [&](auto act) {
+        backward_prologue<decltype(act)::value, scalar_t, float, float>(
+            grad_rows.const_data_ptr<scalar_t>(),
+            pre_rows.defined() ? pre_rows.const_data_ptr<scalar_t>() : nullptr,
+            grad_pre.mutable_data_ptr<float>(),
+            grad_bias ? bias_sums.mutable_data_ptr<float>() : nullptr, M, N);
+      });
+    });
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto prologue = [&](auto* grad_pre_data) {
-      using grad_t = std::remove_pointer_t<decltype(grad_pre_data)>;
-      backward_prologue<scalar_t, grad_t, acc_t>(
-          isa, activation, grad_rows.const_data_ptr<scalar_t>(),
-          pre_rows.defined() ? pre_rows.const_data_ptr<scalar_t>() : nullptr,
-          grad_pre_is_grad ? nullptr : grad_pre_data,
-          grad_bias ? bias_sums.mutable_data_ptr<acc_t>() : nullptr, M, N);
-    };
-    if (grad_pre_is_grad && !grad_bias) {
-      // nothing to do before the GEMMs
-    } else if (compute == dtype) {
-      prologue(grad_pre.mutable_data_ptr<scalar_t>());
-    } else {
-      prologue(grad_pre.mutable_data_ptr<acc_t>());
-    }
     if (grad_bias) {
       store_rounded<scalar_t, acc_t>(bias_sums.const_data_ptr<acc_t>(),
                                      grad_bias->mutable_data_ptr<scalar_t>(), N, accumulate);
     }
     if (grad_weight) {
       at::Tensor input_rows = as_rows(input).to(compute);
-      if (compute == dtype && accumulate) {
-        // beta = 1 accumulation inside the GEMM itself, straight into the gradient buffer.
-        grad_weight->addmm_(grad_pre.t(), input_rows);
-      } else if (compute == dtype) {
-        at::mm_out(const_cast<at::Tensor&>(*grad_weight), grad_pre.t(), input_rows);
+      if (compute == dtype) {
+        // Straight into the gradient buffer: beta = 1 adds inside the GEMM, beta = 0 overwrites
+        // (addmm_ rather than mm's out= form, which misses oneDNN's bf16 GEMM).
+        grad_weight->addmm_(grad_pre.t(), input_rows, /*beta=*/accumulate ? 1 : 0);
       } else {
         at::Tensor product = at::mm(grad_pre.t(), input_rows);
         store_rounded<scalar_t, acc_t>(product.const_data_ptr<acc_t>(),
@@ -420,15 +396,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
   }
 
   if (aten_compute_type(dtype) == dtype) {
-    // F.linear's own GEMM: Z = addmm(b, X, Wᵀ), rounded once; then one pass for act(Z), with Z
-    // itself kept as the pre-activation.
+    // F.linear's own GEMM, Z = addmm(b, X, Wᵀ) rounded once, and torch's activation; Z itself is
+    // kept as the pre-activation.
     at::Tensor pre = bias ? at::addmm(*bias, input_rows, weight.t()) : at::mm(input_rows, weight.t());
     if (act == Activation::none) return {pre.view(out_sizes), no_pre};
-    at::Tensor output = at::empty({M, N}, input.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
-      activation_pass<scalar_t>(isa, act, pre.const_data_ptr<scalar_t>(),
-                                output.mutable_data_ptr<scalar_t>(), M * N);
-    });
+    at::Tensor output = torch_activation(pre, act);
     return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : no_pre};
   }
 

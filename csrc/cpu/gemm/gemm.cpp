@@ -88,20 +88,6 @@ void activation_map(CpuIsa isa, Activation activation, bool derivative, const fl
 
 bool supports(CpuIsa isa, ElementType type) { return kernels_for(isa, type) != nullptr; }
 
-void activation_pass(CpuIsa isa, ElementType type, Activation activation, const void* pre,
-                     void* out, int64_t n) {
-  const KernelSet* ks = kernels_for(isa, type);
-  TORCH_INTERNAL_ASSERT(ks != nullptr, "chainrule: no CPU kernels for this ISA and dtype");
-  ks->activation_pass(activation, pre, out, n);
-}
-
-void activation_grad_row(CpuIsa isa, ElementType type, Activation activation, const void* grad,
-                         const void* pre, void* grad_pre, float* sums, int64_t n) {
-  const KernelSet* ks = kernels_for(isa, type);
-  TORCH_INTERNAL_ASSERT(ks != nullptr, "chainrule: no CPU kernels for this ISA and dtype");
-  ks->activation_grad_row(activation, grad, pre, grad_pre, sums, n);
-}
-
 void run(const Problem& p, CpuIsa isa) {
   const KernelSet* ks = kernels_for(isa, p.type);
   TORCH_INTERNAL_ASSERT(ks != nullptr, "chainrule: no CPU GEMM kernel for this ISA and dtype");

@@ -62,14 +62,4 @@ void activation_map(CpuIsa isa, Activation activation, bool derivative, const fl
 // Runs `problem` on at::get_num_threads() threads. Requires supports(isa, problem.type).
 void run(const Problem& problem, CpuIsa isa);
 
-// The linear layer's elementwise passes when ATen's GEMM runs it (csrc/cpu/linear.cpp), with the
-// vector activations and conversions of our epilogues, on the calling thread. Require
-// supports(isa, type). out = act(pre) over n values:
-void activation_pass(CpuIsa isa, ElementType type, Activation activation, const void* pre,
-                     void* out, int64_t n);
-// One row of n values: dZ = dY * act'(pre) (stored into grad_pre in `type` when it is set),
-// sums[j] += dZ[j] in float32 when sums is set.
-void activation_grad_row(CpuIsa isa, ElementType type, Activation activation, const void* grad,
-                         const void* pre, void* grad_pre, float* sums, int64_t n);
-
 }  // namespace chainrule::cpu::gemm

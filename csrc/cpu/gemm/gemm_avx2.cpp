@@ -106,9 +106,7 @@ void avx2_activation_map(Activation activation, bool derivative, const float* in
 }
 
 const KernelSet* avx2_kernels(ElementType type) {
-  static const KernelSet f32{avx2::kF32Blocking, &avx2::run_f32,
-                             &avx2::activation_pass<avx2::KernelF32>,
-                             &avx2::activation_grad_row<avx2::KernelF32>};
+  static const KernelSet f32{avx2::kF32Blocking, &avx2::run_f32};
   return type == ElementType::float32 ? &f32 : nullptr;
 }
 

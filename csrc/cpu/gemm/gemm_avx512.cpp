@@ -11,10 +11,8 @@
 #include <type_traits>
 
 // GCC 12 warns about the _mm512_undefined_* values inside its own intrinsic headers
-// (-Wmaybe-uninitialized / -Wuninitialized false positives, once the vector activations are
-// inlined into the elementwise passes); nothing of ours is uninitialised.
+// (-Wmaybe-uninitialized false positives); nothing of ours is uninitialised.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "chainrule/activation.h"
@@ -228,12 +226,8 @@ void avx512_activation_map(Activation activation, bool derivative, const float* 
 }
 
 const KernelSet* avx512_kernels(ElementType type) {
-  static const KernelSet f32{avx512::kF32Blocking, &avx512::run_f32,
-                             &avx512::activation_pass<avx512::KernelF32>,
-                             &avx512::activation_grad_row<avx512::KernelF32>};
-  static const KernelSet bf16{avx512::kBF16Blocking, &avx512::run_bf16,
-                              &avx512::activation_pass<avx512::KernelBF16>,
-                              &avx512::activation_grad_row<avx512::KernelBF16>};
+  static const KernelSet f32{avx512::kF32Blocking, &avx512::run_f32};
+  static const KernelSet bf16{avx512::kBF16Blocking, &avx512::run_bf16};
   return type == ElementType::float32 ? &f32 : &bf16;
 }
 

@@ -31,16 +31,9 @@ struct Workspace {
 using BlockFn = void (*)(const Problem& problem, const Blocking& blocking, int64_t m0, int64_t m1,
                          int64_t n0, int64_t n1, bool owns_row_sums, const Workspace& workspace);
 
-// The linear layer's elementwise passes in the kernel's element type (gemm.h).
-using ActivationPassFn = void (*)(Activation activation, const void* pre, void* out, int64_t n);
-using GradRowFn = void (*)(Activation activation, const void* grad, const void* pre,
-                           void* grad_pre, float* sums, int64_t n);
-
 struct KernelSet {
   Blocking blocking;
   BlockFn run_block;
-  ActivationPassFn activation_pass;
-  GradRowFn activation_grad_row;
 };
 
 // nullptr when this build or this element type has no kernel for the ISA.
