@@ -83,7 +83,7 @@ void backward_prologue(const scalar_t* grad_output, const scalar_t* pre, acc_t* 
         for (int64_t j = 0; j < N; ++j) {
           acc_t g = static_cast<acc_t>(grad_output[i * N + j]);
           if constexpr (A != Activation::none) {
-            g *= activation_derivative<A>(static_cast<acc_t>(pre[i * N + j]));
+            g = activation_grad<A>(g, static_cast<acc_t>(pre[i * N + j]));
           }
           grad_pre[i * N + j] = g;
           if (sums) sums[j] += g;
