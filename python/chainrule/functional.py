@@ -82,6 +82,9 @@ class LinearFunction(torch.autograd.Function):
         input, weight, bias, activation, accumulate_grad, _ = inputs
         _, pre_activation = output
         ctx.mark_non_differentiable(pre_activation)
+        # pre_activation never receives a gradient; without this autograd would hand backward a
+        # zero-filled (..., out_features) tensor for it, one more activation-sized allocation.
+        ctx.set_materialize_grads(False)
         ctx.activation = activation
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, weight, bias, pre_activation)
@@ -94,6 +97,8 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_pre_activation):
+        if grad_output is None:  # not materialized (set_materialize_grads(False)): no gradient
+            return None, None, None, None, None, None
         input, weight, bias, pre_activation = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
