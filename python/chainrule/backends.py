@@ -4,15 +4,26 @@ By default a chainrule op on CPU tensors runs the CPU kernels. Inside emulated_c
 CUDA kernel source instead, compiled for the host and executed by chainrule's CUDA emulator
 (csrc/emu): blocks on worker threads, the threads of a block as fibers. That is how the CUDA
 kernels are tested on machines without a GPU. CUDA tensors always run the CUDA kernels.
+
+The switch is process-wide, not per thread: autograd runs a backward on its own threads, which
+must follow the switch of the thread that ran the forward. While any thread is inside
+emulated_cuda(), chainrule ops that every thread runs on CPU tensors go to the emulator; the
+switch returns to the CPU kernels when the last context, in any thread, exits (a count, so
+contexts of several threads may overlap in any order). The emulator's schedule is process-wide too.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Optional
 
 from . import _C
 
 SCHEDULES = ("forward", "reverse", "random")
+
+# How many emulated_cuda() contexts are open, over all threads; the switch is on while it is > 0.
+_emulated_contexts = 0
+_emulated_contexts_lock = threading.Lock()
 
 
 def emulator_available() -> bool:
@@ -34,6 +45,11 @@ def emulated_cuda(schedule: Optional[str] = None, seed: int = 0) -> Iterator[Non
     current order (from the environment variable CHAINRULE_EMU_SCHEDULE, else "forward"). A
     correct kernel gives the same result in every order; a missing __syncthreads shows up as a
     difference.
+
+    Process-wide: while this context is open, chainrule ops on CPU tensors run on the emulator in
+    every thread (autograd's backward threads included), and they return to the CPU kernels when
+    the last open context of any thread exits. The schedule is process-wide as well: each context
+    restores on exit the schedule it found on entry.
     """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"chainrule.backends.emulated_cuda: unknown schedule {schedule!r}; "
@@ -41,16 +57,21 @@ def emulated_cuda(schedule: Optional[str] = None, seed: int = 0) -> Iterator[Non
     if not emulator_available():
         raise RuntimeError("chainrule.backends.emulated_cuda: this chainrule was built without "
                            "the CUDA emulator (no CUDA headers were found at build time)")
-    previous = _C._host_backend()
+    global _emulated_contexts
     previous_schedule = _C._emu_get_schedule()
-    _C._set_host_backend("emulated_cuda")
+    with _emulated_contexts_lock:
+        _emulated_contexts += 1
+        _C._set_host_backend("emulated_cuda")
     if schedule is not None:
         _C._emu_set_schedule(schedule, seed)
     try:
         yield
     finally:
         _C._emu_set_schedule(*previous_schedule)
-        _C._set_host_backend(previous)
+        with _emulated_contexts_lock:
+            _emulated_contexts -= 1
+            if _emulated_contexts == 0:
+                _C._set_host_backend("cpu")
 
 
 def emulated_launch_count() -> int:
