@@ -28,9 +28,11 @@ GPU_CHECK_DIR ?= gpu-check-report
 SANITIZE_DIR ?= build/sanitize
 SANITIZE_TESTS ?= test_errors.py test_zero_size.py test_nonfinite.py test_adam.py test_cpu_isa.py \
 	test_concurrency.py test_determinism.py test_opcheck.py
-# Python is not instrumented: libasan must be loaded first (LD_PRELOAD). Leak detection is off
-# because the interpreter's own allocations at exit would be reported; halt on the first error.
-SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+# Python is not instrumented: libasan must be loaded first (LD_PRELOAD), and libstdc++ with it so
+# that ASan finds the real __cxa_throw (torch's checks throw). Leak detection is off because the
+# interpreter's and torch's allocations still live at exit would be reported; halt on the first
+# error. pytest captures with --capture=sys so that a sanitizer report on fd 2 is never swallowed.
+SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	PYTHONPATH=$(abspath $(SANITIZE_DIR))/python
@@ -82,7 +84,7 @@ test-sanitize: venv
 	rm -rf $(SANITIZE_DIR)/python && mkdir -p $(SANITIZE_DIR)/python/chainrule
 	cp python/chainrule/*.py $(SANITIZE_DIR)/python/chainrule/
 	cp $(SANITIZE_DIR)/_C*.so $(SANITIZE_DIR)/python/chainrule/
-	cd tests && time env $(SANITIZE_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider \
+	cd tests && time env $(SANITIZE_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider --capture=sys \
 		$(PYTEST_ARGS) $(SANITIZE_TESTS)
 
 dev: venv
