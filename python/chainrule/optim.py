@@ -113,6 +113,8 @@ class Adam(torch.optim.Optimizer):
                 raise TypeError(f"{prefix} must be a tensor, got {type(value).__name__}")
             if not value.is_floating_point():
                 raise RuntimeError(f"{prefix} must be a floating-point tensor, got {value.dtype}")
+            if distributed.is_dtensor(value) != distributed.is_dtensor(p):
+                continue  # a layout mismatch, which distributed.local_tensor reports
             if value.shape != p.shape:
                 raise RuntimeError(f"{prefix} must have the parameter's shape {tuple(p.shape)}, "
                                    f"got {tuple(value.shape)} (a state dict of another model?)")
