@@ -6,6 +6,9 @@
 #   make dev         fast in-tree rebuild for development: build/dev, _C copied into python/chainrule
 #   make test-torch TORCH_SPEC=torch==2.6.0   the suite against another torch, in its own
 #                    environment (.venv-torch-2.6.0) and build folder (build/torch-2.6.0)
+#   make test-sanitize  the CPU and emulated kernels built with AddressSanitizer and
+#                    UndefinedBehaviorSanitizer (build/sanitize), running the CPU test subset
+#                    $(SANITIZE_TESTS) (docs/reliability.md)
 #   make gpu-check   on a GPU machine with torch installed (no network needed): build for its GPU,
 #                    run the CUDA checks, report in $(GPU_CHECK_DIR) (README.md, "GPU check")
 PYTHON ?= python3
@@ -22,8 +25,19 @@ PYTEST_ARGS ?=
 # Where pip builds (scikit-build-core's build-dir); empty: pyproject.toml's build/{wheel_tag}.
 BUILD_DIR ?=
 GPU_CHECK_DIR ?= gpu-check-report
+SANITIZE_DIR ?= build/sanitize
+SANITIZE_TESTS ?= test_errors.py test_zero_size.py test_nonfinite.py test_adam.py test_cpu_isa.py \
+	test_concurrency.py test_determinism.py test_opcheck.py
+# Python is not instrumented: libasan must be loaded first (LD_PRELOAD), and libstdc++ with it so
+# that ASan finds the real __cxa_throw (torch's checks throw). Leak detection is off because the
+# interpreter's and torch's allocations still live at exit would be reported; halt on the first
+# error. pytest captures with --capture=sys so that a sanitizer report on fd 2 is never swallowed.
+SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	PYTHONPATH=$(abspath $(SANITIZE_DIR))/python
 
-.PHONY: test bench bench-full demo install venv dev clean test-torch gpu-check
+.PHONY: test bench bench-full demo install venv dev clean test-torch gpu-check test-sanitize
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +74,18 @@ test-torch:
 # Uses the python on PATH (or PYTHON=...), whose torch must see the GPU; builds into build/gpu-check.
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --report-dir $(GPU_CHECK_DIR) --jobs $(JOBS)
+
+# The package is assembled in $(SANITIZE_DIR)/python (Python sources + the sanitized _C), so the
+# tests import it, not the installed one or a _C built in place.
+test-sanitize: venv
+	$(VENV)/bin/cmake -S . -B $(SANITIZE_DIR) -G Ninja -DPython_EXECUTABLE=$(PY) \
+		-DSKBUILD_PROJECT_VERSION=0.1.0.dev0 -DCHAINRULE_CUDA=OFF -DCHAINRULE_SANITIZE=ON
+	time $(VENV)/bin/cmake --build $(SANITIZE_DIR)
+	rm -rf $(SANITIZE_DIR)/python && mkdir -p $(SANITIZE_DIR)/python/chainrule
+	cp python/chainrule/*.py $(SANITIZE_DIR)/python/chainrule/
+	cp $(SANITIZE_DIR)/_C*.so $(SANITIZE_DIR)/python/chainrule/
+	cd tests && time env $(SANITIZE_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider --capture=sys \
+		$(PYTEST_ARGS) $(SANITIZE_TESTS)
 
 dev: venv
 	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \

@@ -10,8 +10,11 @@ Baselines: "eager" = torch.nn.Linear followed by the activation (F.relu, F.gelu,
 = the same function under torch.compile (its first call compiles, untimed); on CUDA,
 "addmm_act" = torch._addmm_activation (cuBLASLt epilogue; forward only, relu and tanh-GELU only).
 Work counted: forward 2MNK flops, backward 4MNK (grad_input and grad_weight), both 6MNK.
-Also reported: the peak memory of a backward into an existing .grad (the second micro-batch of
-gradient accumulation), chainrule with and without accumulate_grad=True, and eager torch.
+Peak memory (bytes allocated through torch's allocator above the start, the profiler's count on
+the CPU): forward+backward of one layer per activation against torch.nn.Linear + the activation
+(the "peak memory" table; parameters start without .grad), and a backward into an existing .grad
+(the second micro-batch of gradient accumulation), chainrule with and without
+accumulate_grad=True, and eager torch.
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOPS_PER_MNK = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 TARGETS = ((4096, 1024, 4096), (512, 768, 3072), (64, 1024, 1024))
 GPT2_MLP = ((512, 768, 3072), (512, 3072, 768))
+# The peak-memory table's layer, per mode: (shape, dtypes).
+MEMORY_SHAPES = {"smoke": ((8, 16, 24), ("float32",)),
+                 "quick": ((512, 768, 3072), ("float32",)),
+                 "full": ((512, 768, 3072), ("float32", "bfloat16"))}
 
 
 def torch_activation(name: str) -> Callable:
@@ -189,6 +196,33 @@ def backward_memory(cfg: Config, device: torch.device, chainrule) -> dict:
     return out
 
 
+def forward_backward_memory(s: harness.Settings, chainrule) -> list[dict]:
+    """Peak bytes of one forward+backward (parameters without .grad) per activation, chainrule
+    against torch.nn.Linear + the activation; each result is checked against torch once first."""
+    shape, dtypes = MEMORY_SHAPES[s.mode]
+    rows = []
+    for dtype_text in dtypes:
+        dtype = harness.parse_dtype(dtype_text)
+        for act in ACTIVATIONS:
+            cfg = Config(*shape, dtype, act, ("fwd+bwd",))
+            ours, theirs, _ = build_sides(cfg, s.device, chainrule)
+            check = harness.guarded(lambda: check_config(ours, theirs, dtype))
+            peaks = {}
+            for name, side in (("chainrule", ours), ("torch eager", theirs)):
+                side.reset_grads()
+                peaks[name] = harness.peak_memory_bytes(
+                    lambda side=side: side.forward(side.x).backward(side.dy), s.device)
+            rows.append({"label": f"{cfg.shape} {harness.dtype_name(dtype)} {act} fwd+bwd",
+                         "config": {"m": cfg.m, "k": cfg.k, "n": cfg.n,
+                                    "dtype": harness.dtype_name(dtype), "activation": act,
+                                    "device": str(s.device)},
+                         "chainrule_bytes": peaks["chainrule"] if check.ok else None,
+                         "baselines": {"torch eager": peaks["torch eager"]},
+                         "note": "" if check.ok else "WRONG result: no figure reported"})
+            del ours, theirs
+    return rows
+
+
 def run_config(cfg: Config, s: harness.Settings, peaks: dict, chainrule, flush) -> tuple[list, Optional[dict]]:
     ours, eager, reference = build_sides(cfg, s.device, chainrule)
     check = harness.guarded(lambda: check_config(ours, eager, cfg.dtype))
@@ -251,7 +285,7 @@ def main(argv=None) -> int:
                    help="add the torch.compile baseline to every configuration (slow: it compiles)")
     args = p.parse_args(argv)
     s = harness.settings("linear", args)
-    rows, memory_rows = [], []
+    rows, memory_rows, peak_memory_rows = [], [], []
     if s.available:
         chainrule = harness.import_chainrule()
         peaks = harness.load_peaks(s)
@@ -267,9 +301,16 @@ def main(argv=None) -> int:
             rows.extend(new_rows)
             if memory:
                 memory_rows.append(memory)
+        if not args.shapes:
+            peak_memory_rows = forward_backward_memory(s, chainrule)
     else:
         peaks = None
-    harness.write_results(s, rows, peaks=peaks, extra={"memory": memory_rows})
+    harness.write_results(s, rows, peaks=peaks,
+                          extra={"memory": memory_rows, "peak_memory": peak_memory_rows})
+    if peak_memory_rows:
+        print("\npeak memory of forward+backward, MiB allocated above the start "
+              "(ratio = baseline / chainrule):")
+        print("\n".join(harness.memory_table_lines(peak_memory_rows)))
     print("\n".join(memory_lines(memory_rows)))
     return 0
 

@@ -575,6 +575,43 @@ def markdown_table(rows: Sequence[dict]) -> list[str]:
     return out
 
 
+MEMORY_HEADER = ("shape", "chainrule MiB", "baseline", "baseline MiB", "ratio", "note")
+
+
+def memory_cells(rows: Sequence[dict]) -> list[tuple[str, ...]]:
+    """Peak-memory rows ({"label", "chainrule_bytes", "baselines": {name: bytes}, "note"}): one
+    line per (configuration, baseline); ratio = baseline bytes / chainrule bytes (above 1:
+    chainrule needs less)."""
+    body = []
+    for row in rows:
+        ours = row["chainrule_bytes"]
+        for name, theirs in row["baselines"].items():
+            ratio = "-" if not ours else f"{theirs / ours:.2f}x"
+            body.append((row["label"], "-" if ours is None else f"{ours / 2**20:.3f}", name, f"{theirs / 2**20:.3f}", ratio,
+                         row.get("note", "")))
+    return body
+
+
+def memory_table_lines(rows: Sequence[dict]) -> list[str]:
+    """The aligned plain-text peak-memory table (see memory_cells)."""
+    body = memory_cells(rows)
+    widths = [max(len(MEMORY_HEADER[i]), *(len(r[i]) for r in body)) if body
+              else len(MEMORY_HEADER[i]) for i in range(len(MEMORY_HEADER))]
+
+    def fmt(cells):
+        return " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    lines = [fmt(MEMORY_HEADER), "-+-".join("-" * w for w in widths)]
+    lines.extend(fmt(r) for r in body)
+    return lines
+
+
+def memory_markdown_table(rows: Sequence[dict]) -> list[str]:
+    out = ["| " + " | ".join(MEMORY_HEADER) + " |", "|" + "|".join("---" for _ in MEMORY_HEADER) + "|"]
+    out.extend("| " + " | ".join(cells) + " |" for cells in memory_cells(rows))
+    return out
+
+
 def git_commit() -> dict:
     def run(*cmd):
         try:

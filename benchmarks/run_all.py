@@ -236,6 +236,11 @@ def report(out: Path, machine: dict, subjects: dict[str, list[dict]], plots: dic
             lines += harness.markdown_table(rows)
             lines.append("")
         for d in data:
+            if d.get("peak_memory"):
+                lines += ["Peak memory of one forward+backward (MiB allocated above the start; "
+                          "ratio = baseline / chainrule, above 1: chainrule needs less):", ""]
+                lines += harness.memory_markdown_table(d["peak_memory"])
+                lines.append("")
             if d.get("memory"):
                 lines += ["Peak memory of a backward into an existing .grad (MiB allocated above "
                           "the start of the backward):", "",

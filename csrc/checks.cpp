@@ -188,4 +188,13 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
   check_scalar("found_inf", found_inf);
 }
 
+void check_adam_lr(const char* op, at::TensorList params, const at::Tensor& lr) {
+  TORCH_CHECK(lr.numel() == 1 && lr.is_floating_point(), op,
+              ": lr must be a float or a floating-point tensor with one element, got ",
+              describe(lr));
+  TORCH_CHECK(params.empty() || lr.device() == params[0].device(), op,
+              ": a tensor lr must be on the params' device ", params[0].device(), ", got ",
+              describe(lr));
+}
+
 }  // namespace chainrule

@@ -32,4 +32,7 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
                 const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf);
 
+// A tensor lr (adam_.tensor_lr): one floating-point element on the params' device.
+void check_adam_lr(const char* op, at::TensorList params, const at::Tensor& lr);
+
 }  // namespace chainrule

@@ -85,12 +85,7 @@ void checked_adam_tensor_lr(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& found_inf) {
   check_adam("chainrule.adam_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
              state_steps, master_params, amsgrad, grad_scale, found_inf);
-  TORCH_CHECK(lr.numel() == 1 && lr.is_floating_point(),
-              "chainrule.adam_: lr must be a float or a floating-point tensor with one element, "
-              "got a ", lr.scalar_type(), " tensor of shape ", lr.sizes());
-  TORCH_CHECK(params.empty() || lr.device() == params[0].device(),
-              "chainrule.adam_: a tensor lr must be on the params' device ", params[0].device(),
-              ", got ", lr.device());
+  check_adam_lr("chainrule.adam_", params, lr);
   Impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params, lr,
        beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale,
        found_inf);

@@ -99,13 +99,37 @@ def test_smoke_report_and_plots(smoke_run):
         png = out / "plots" / f"{subject}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{subject}.png" in report
-    # the aligned table on stdout: header, rule, and rows with the same column separators
+    # the aligned tables on stdout: header, rule, and rows with the same column separators
     lines = stdout.splitlines()
-    headers = [i for i, line in enumerate(lines) if line.startswith("shape ")]
+    headers = [i for i, line in enumerate(lines) if line.startswith("shape ")
+               and "chainrule ms" in line]
     assert len(headers) == 6
     for i in headers:
         assert set(lines[i + 1]) <= {"-", "+"}
         assert lines[i + 2].count("|") == lines[i].count("|") == len(harness.TABLE_HEADER) - 1
+
+
+def test_smoke_peak_memory_table(smoke_run):
+    """One peak-memory table (forward+backward per activation, chainrule against torch) in the
+    report and on stdout, one row per activation, every figure positive."""
+    out, stdout = smoke_run
+    report = (out / "report.md").read_text()
+    header = "| " + " | ".join(harness.MEMORY_HEADER) + " |"
+    assert report.count(header) == 1
+    lines = stdout.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("shape ")
+               and "chainrule MiB" in line]
+    assert len(headers) == 1
+    body = lines[headers[0] + 2:headers[0] + 7]
+    activations = ("none", "relu", "gelu", "gelu_tanh", "silu")
+    for line, act in zip(body, activations):
+        cells = [c.strip() for c in line.split("|")]
+        assert len(cells) == len(harness.MEMORY_HEADER), line
+        assert f" {act} fwd+bwd" in cells[0], line
+        assert float(cells[1]) > 0 and float(cells[3]) > 0 and cells[2] == "torch eager", line
+    data = json.loads((out / "linear.json").read_text())
+    assert [r["config"]["activation"] for r in data["peak_memory"]] == list(activations)
+    assert all(r["chainrule_bytes"] > 0 for r in data["peak_memory"])
 
 
 def test_cuda_without_gpu_does_not_fail(tmp_path):

@@ -136,9 +136,10 @@ def test_both_paths_compute_the_same_layer(dtype, activation, shape):
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
-def test_tiny_layers_run_as_torch_ops_in_auto_mode(activation):
-    """Up to 2^21 multiply-adds a CPU layer is F.linear + the activation (no chainrule op runs);
-    above, and in a forced mode, chainrule's ops run. Values and gradients match either way."""
+def test_layers_run_as_torch_ops_in_auto_mode(activation):
+    """A CPU layer of at most 2^21 multiply-adds, or one that takes ATen's GEMM in both passes
+    without accumulate_grad, is F.linear + the activation (no chainrule op runs); otherwise, and
+    in a forced mode, chainrule's ops run. Values match either way."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -150,26 +151,34 @@ def test_tiny_layers_run_as_torch_ops_in_auto_mode(activation):
             self.ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    def run(m, k, n):
+    def run(m, k, n, accumulate_grad=False):
         x = torch.randn(m, k, requires_grad=True)
         w = torch.randn(n, k, requires_grad=True)
+        w.grad = torch.zeros_like(w)
         with Record() as record:
-            y = linear(x, w, None, activation)
+            y = linear(x, w, None, activation, accumulate_grad=accumulate_grad)
             y.sum().backward()
         ref = F_linear_act(x.detach(), w.detach(), activation)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         return [op for op in record.ops if op.startswith("chainrule.")]
 
-    assert not C._cpu_prefers_torch_ops(1, 1, 1)  # the suite runs with it off (conftest)
+    prefers = C._cpu_prefers_torch_ops
+    assert not prefers("float32", 1, 1, 1, False)  # the suite runs with it off (conftest)
     C._set_cpu_small_layers_to_torch(True)
     try:
-        assert C._cpu_prefers_torch_ops(1, 1024, 2048)
-        assert not C._cpu_prefers_torch_ops(1, 1024, 2049)
+        assert prefers("float32", 1, 1024, 2048, True)
+        assert not prefers("float32", 1, 1024, 2049, True)
+        for dtype in ("float32", "bfloat16"):
+            both_aten = all(C._cpu_gemm_path(dtype, backward, 512, 1024, 1024) == "aten"
+                            for backward in (False, True))
+            widened = dtype == "bfloat16" and not (C._cpu_traits()["avx512_bf16"]
+                                                   or C._cpu_traits()["amx_bf16"])
+            assert prefers(dtype, 512, 1024, 1024, False) == (both_aten and not widened)
         assert run(8, 64, 64) == []
         assert chainrule.backends.cpu_gemm_path(8, 64, 64) == "torch"
-        assert run(64, 256, 256) != []  # 4M multiply-adds
+        assert run(64, 256, 256, accumulate_grad=True) != []  # 4M multiply-adds
         C._set_cpu_gemm("aten")
-        assert not C._cpu_prefers_torch_ops(1, 1, 1)
+        assert not prefers("float32", 1, 1, 1, False)
         assert run(8, 64, 64) != []
     finally:
         C._set_cpu_gemm(None)

@@ -2,6 +2,8 @@
 // docs/cpu_gemm.md, "Which GEMM runs", for the measurements behind each branch).
 #include "cpu/gemm_path.h"
 
+#include "cpu/gemm/gemm.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -116,13 +118,28 @@ std::atomic<bool> g_small_layers_to_torch{true};
 
 void set_small_layers_to_torch(bool enabled) { g_small_layers_to_torch.store(enabled); }
 
-bool prefers_torch_ops(int64_t m, int64_t n, int64_t k) {
+bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate) {
+  if (!g_small_layers_to_torch.load(std::memory_order_relaxed) ||
+      gemm_path_mode() != GemmPathMode::automatic) {
+    return false;
+  }
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two
   // cores, about what chainrule's Python layers and op dispatch cost (bench_sweep.py).
   constexpr double kMaxMultiplyAdds = double(1 << 21);
-  return g_small_layers_to_torch.load(std::memory_order_relaxed) &&
-         gemm_path_mode() == GemmPathMode::automatic &&
-         static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) <= kMaxMultiplyAdds;
+  if (static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) <= kMaxMultiplyAdds) {
+    return true;
+  }
+  if (accumulate) return false;
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) &&
+      !aten_multiplies_low_precision(cpu_traits(), dtype)) {
+    return false;  // chainrule's widened path beats ATen's slow bf16/fp16 GEMM there
+  }
+  std::optional<gemm::ElementType> element;
+  if (dtype == at::kFloat) element = gemm::ElementType::float32;
+  if (dtype == at::kBFloat16) element = gemm::ElementType::bfloat16;
+  const bool ours = element && gemm::supports(active_isa(), *element);
+  return gemm_path(dtype, ours, LinearPass::forward, m, n, k) == GemmPath::aten &&
+         gemm_path(dtype, ours, LinearPass::backward, m, n, k) == GemmPath::aten;
 }
 
 bool parse_gemm_path_mode(std::string_view name, GemmPathMode* out) {

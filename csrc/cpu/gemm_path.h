@@ -44,13 +44,15 @@ GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarT
 GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, int64_t m,
                    int64_t n, int64_t k);
 
-// Whether a CPU layer with m rows, n outputs and k inputs is so small that torch's own ops
-// (F.linear + the activation, called by chainrule.functional.linear before any chainrule op)
-// are faster than either GEMM: the fixed cost of a custom op and an autograd.Function, tens of
-// microseconds of Python and dispatch, exceeds the work. Only in auto mode, and only while
-// set_small_layers_to_torch(true) (the default; the test suite turns it off to test our kernels
-// at every size).
-bool prefers_torch_ops(int64_t m, int64_t n, int64_t k);
+// Whether chainrule.functional.linear should run a CPU layer as torch's own ops (F.linear + the
+// activation) instead of calling chainrule's: when the layer is so small (at most 2^21
+// multiply-adds) that the fixed cost of a custom op and an autograd.Function, tens of
+// microseconds of Python and dispatch, exceeds the work; and when the rule gives ATen's GEMM to
+// both passes in the dtype as it is and nothing is accumulated into .grad, since ATen's path then
+// runs the very ops eager PyTorch runs and would only add that fixed cost. Only in auto mode, and
+// only while set_small_layers_to_torch(true) (the default; the test suite turns it off to test
+// chainrule's own code at every size).
+bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate);
 void set_small_layers_to_torch(bool enabled);
 
 // Whether ATen's path multiplies bfloat16/float16 operands as they are (oneDNN's bf16 kernels on

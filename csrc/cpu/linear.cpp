@@ -91,27 +91,54 @@ at::ScalarType aten_compute_type(at::ScalarType dtype) {
   return aten_multiplies_low_precision(cpu_traits(), dtype) ? dtype : at::kFloat;
 }
 
-// torch's own activation and its backward, as eager F.linear + activation runs them.
+// torch's own activation and its backward, as eager F.linear + activation runs them, but on
+// fixed blocks of kElementwiseBlock values: torch's vectorised and scalar code differ in the last
+// bits (GELU, SiLU), and where a block's scalar tail falls would otherwise depend on how many
+// threads split the tensor. A block is at::internal::GRAIN_SIZE values, which torch never splits
+// further, and inside at::parallel_for each runs on one thread: the same bits at any thread count.
+constexpr int64_t kElementwiseBlock = 32768;
+
+// f(out_block, in_blocks...) over 1-D blocks of `out` and `ins` (all contiguous, same size).
+template <typename F>
+void elementwise_blocks(const at::Tensor& out, std::initializer_list<at::Tensor> ins, F&& f) {
+  const int64_t n = out.numel();
+  at::Tensor out_flat = out.view({-1});
+  std::vector<at::Tensor> ins_flat;
+  for (const at::Tensor& t : ins) ins_flat.push_back(t.view({-1}));
+  at::parallel_for(0, (n + kElementwiseBlock - 1) / kElementwiseBlock, 1,
+                   [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t first = block * kElementwiseBlock;
+      const int64_t count = std::min(kElementwiseBlock, n - first);
+      std::vector<at::Tensor> slices;
+      for (const at::Tensor& t : ins_flat) slices.push_back(t.narrow(0, first, count));
+      f(out_flat.narrow(0, first, count), slices);
+    }
+  });
+}
+
 at::Tensor torch_activation(const at::Tensor& z, Activation act) {
-  switch (act) {
-    case Activation::relu: return at::relu(z);
-    case Activation::gelu: return at::gelu(z);
-    case Activation::gelu_tanh: return at::gelu(z, "tanh");
-    case Activation::silu: return at::silu(z);
-    case Activation::none: break;
-  }
-  return z;
+  if (act == Activation::none) return z;
+  if (act == Activation::relu) return at::relu(z);  // exact: no vector/scalar difference
+  at::Tensor out = at::empty_like(z);
+  elementwise_blocks(out, {z}, [&](at::Tensor o, const std::vector<at::Tensor>& in) {
+    if (act == Activation::gelu) at::gelu_out(o, in[0]);
+    else if (act == Activation::gelu_tanh) at::gelu_out(o, in[0], "tanh");
+    else at::silu_out(o, in[0]);
+  });
+  return out;
 }
 
 at::Tensor torch_activation_backward(const at::Tensor& grad, const at::Tensor& z, Activation act) {
-  switch (act) {
-    case Activation::relu: return at::threshold_backward(grad, z, 0);
-    case Activation::gelu: return at::gelu_backward(grad, z);
-    case Activation::gelu_tanh: return at::gelu_backward(grad, z, "tanh");
-    case Activation::silu: return at::silu_backward(grad, z);
-    case Activation::none: break;
-  }
-  return grad;
+  if (act == Activation::none) return grad;
+  if (act == Activation::relu) return at::threshold_backward(grad, z, 0);
+  at::Tensor out = at::empty_like(grad);
+  elementwise_blocks(out, {grad, z}, [&](at::Tensor o, const std::vector<at::Tensor>& in) {
+    if (act == Activation::gelu) at::gelu_backward_out(o, in[0], in[1]);
+    else if (act == Activation::gelu_tanh) at::gelu_backward_out(o, in[0], in[1], "tanh");
+    else at::silu_backward_out(o, in[0], in[1]);
+  });
+  return out;
 }
 
 // out[j] = sum_i values[i, j] of an (M, N) matrix in acc_t, in a fixed order (chunks of
@@ -153,7 +180,7 @@ void backward_prologue(const scalar_t* grad_output, const scalar_t* pre, grad_t*
         for (int64_t j = 0; j < N; ++j) {
           acc_t g = static_cast<acc_t>(grad_output[i * N + j]);
           if constexpr (A != Activation::none) {
-            g *= activation_derivative<A>(static_cast<acc_t>(pre[i * N + j]));
+            g = activation_grad<A>(g, static_cast<acc_t>(pre[i * N + j]));
           }
           if (grad_pre) grad_pre[i * N + j] = static_cast<grad_t>(g);
           if (sums) sums[j] += g;

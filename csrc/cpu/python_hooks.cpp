@@ -129,9 +129,14 @@ void add_python_hooks(pybind11::module_& m) {
         },
         "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
         "bf16/fp16 as they are)");
-  m.def("_cpu_prefers_torch_ops", &prefers_torch_ops, pybind11::arg("m"), pybind11::arg("n"),
-        pybind11::arg("k"),
-        "Whether a CPU linear layer this small runs as torch's own F.linear + activation");
+  m.def("_cpu_prefers_torch_ops",
+        [](const std::string& dtype, int64_t m, int64_t n, int64_t k, bool accumulate) {
+          return prefers_torch_ops(dtype_from_name(dtype), m, n, k, accumulate);
+        },
+        pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
+        pybind11::arg("accumulate"),
+        "Whether chainrule.functional.linear runs this CPU layer as torch's own F.linear + "
+        "activation (csrc/cpu/gemm_path.h)");
   m.def("_set_cpu_small_layers_to_torch", &set_small_layers_to_torch,
         "Whether tiny CPU layers run as torch's own ops in auto mode (default True)");
   m.def("_cpu_traits", [] {

@@ -4,15 +4,26 @@ By default a chainrule op on CPU tensors runs the CPU kernels. Inside emulated_c
 CUDA kernel source instead, compiled for the host and executed by chainrule's CUDA emulator
 (csrc/emu): blocks on worker threads, the threads of a block as fibers. That is how the CUDA
 kernels are tested on machines without a GPU. CUDA tensors always run the CUDA kernels.
+
+The switch is process-wide, not per thread: autograd runs a backward on its own threads, which
+must follow the switch of the thread that ran the forward. While any thread is inside
+emulated_cuda(), chainrule ops that every thread runs on CPU tensors go to the emulator; the
+switch returns to the CPU kernels when the last context, in any thread, exits (a count, so
+contexts of several threads may overlap in any order). The emulator's schedule is process-wide too.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Optional
 
 from . import _C
 
 SCHEDULES = ("forward", "reverse", "random")
+
+# How many emulated_cuda() contexts are open, over all threads; the switch is on while it is > 0.
+_emulated_contexts = 0
+_emulated_contexts_lock = threading.Lock()
 
 
 def emulator_available() -> bool:
@@ -34,6 +45,11 @@ def emulated_cuda(schedule: Optional[str] = None, seed: int = 0) -> Iterator[Non
     current order (from the environment variable CHAINRULE_EMU_SCHEDULE, else "forward"). A
     correct kernel gives the same result in every order; a missing __syncthreads shows up as a
     difference.
+
+    Process-wide: while this context is open, chainrule ops on CPU tensors run on the emulator in
+    every thread (autograd's backward threads included), and they return to the CPU kernels when
+    the last open context of any thread exits. The schedule is process-wide as well: each context
+    restores on exit the schedule it found on entry.
     """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"chainrule.backends.emulated_cuda: unknown schedule {schedule!r}; "
@@ -41,16 +57,21 @@ def emulated_cuda(schedule: Optional[str] = None, seed: int = 0) -> Iterator[Non
     if not emulator_available():
         raise RuntimeError("chainrule.backends.emulated_cuda: this chainrule was built without "
                            "the CUDA emulator (no CUDA headers were found at build time)")
-    previous = _C._host_backend()
+    global _emulated_contexts
     previous_schedule = _C._emu_get_schedule()
-    _C._set_host_backend("emulated_cuda")
+    with _emulated_contexts_lock:
+        _emulated_contexts += 1
+        _C._set_host_backend("emulated_cuda")
     if schedule is not None:
         _C._emu_set_schedule(schedule, seed)
     try:
         yield
     finally:
         _C._emu_set_schedule(*previous_schedule)
-        _C._set_host_backend(previous)
+        with _emulated_contexts_lock:
+            _emulated_contexts -= 1
+            if _emulated_contexts == 0:
+                _C._set_host_backend("cpu")
 
 
 def emulated_launch_count() -> int:
@@ -61,13 +82,15 @@ def emulated_launch_count() -> int:
 GEMM_MODES = ("auto", "ours", "aten")
 
 
-def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False) -> str:
+def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
+                  accumulate_grad: bool = False) -> str:
     """'ours', 'aten' or 'torch': how a CPU linear call with an (m, k) input and an (n, k)
     weight runs now (forward, or backward when `backward`).
 
     chainrule's own GEMM fuses the epilogues into the kernel; ATen's (MKL / oneDNN) is followed by
-    chainrule's one-pass epilogues; 'torch' is a layer so small (at most 2^21 multiply-adds) that
-    chainrule.functional.linear runs it as torch's own F.linear + activation. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
+    chainrule's one-pass epilogues; 'torch' is a layer that chainrule.functional.linear runs as
+    torch's own F.linear + activation, because it is tiny (at most 2^21 multiply-adds) or would
+    take ATen's GEMM both ways without accumulate_grad anyway. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
     only on the CPU, the dtype and the shape, so a call always takes the same path. The
     environment variable CHAINRULE_CPU_GEMM=auto|ours|aten (read once) overrides it; `ours` still
     uses ATen where chainrule has no kernel for the dtype on this CPU.
@@ -80,7 +103,7 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False)
     if dtype not in names:
         raise ValueError(f"chainrule.backends.cpu_gemm_path: dtype must be a floating dtype, "
                          f"got {dtype}")
-    if _C._cpu_prefers_torch_ops(m, n, k):
+    if _C._cpu_prefers_torch_ops(names[dtype], m, n, k, accumulate_grad):
         return "torch"
     return _C._cpu_gemm_path(names[dtype], backward, m, n, k)
 

@@ -97,11 +97,11 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_pre_activation):
+        if grad_output is None:  # not materialized (set_materialize_grads(False)): no gradient
+            return None, None, None, None, None, None
         input, weight, bias, pre_activation = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         activation = ctx.activation
-        if grad_output is None:  # the output took no part in the loss (grads not materialized)
-            return None, None, None, None, None, None
         if torch.is_grad_enabled():
             return LinearFunction._differentiable_backward(ctx, grad_output)
         pre = pre_activation if activation != "none" else None
@@ -204,16 +204,18 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
     return grad
 
 
-_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOATING = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float64: "float64"}
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as DTensor
 _STRIDED = torch.strided
 
 
-def _runs_as_torch_ops(input, weight, bias) -> bool:
-    """Whether this call is a valid CPU layer so small that torch's own F.linear + activation is
-    faster than any custom op (the rule is csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid
-    inputs go on to the op, whose checks name what is wrong. Written for speed: it runs on every
-    call, and .device would cost more than the rest together."""
+def _runs_as_torch_ops(input, weight, bias, accumulate_grad) -> bool:
+    """Whether this call is a valid CPU layer that torch's own F.linear + activation runs at
+    least as fast as chainrule's ops: a tiny layer, or one that chainrule would give to ATen's
+    GEMM anyway (the rule is csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid inputs go on to
+    the op, whose checks name what is wrong. Written for speed: it runs on every call, and .device
+    would cost more than the rest together."""
     if type(input) not in _PLAIN or type(weight) not in _PLAIN or not input.is_cpu or \
             not weight.is_cpu or weight.ndim != 2 or input.ndim == 0:
         return False
@@ -227,8 +229,8 @@ def _runs_as_torch_ops(input, weight, bias) -> bool:
                              bias.layout is not _STRIDED):
         return False
     rows = input.numel() // in_features if in_features else 0
-    return _C._cpu_prefers_torch_ops(rows, weight.shape[0], in_features) and \
-        _C._host_backend() == "cpu"
+    return _C._cpu_prefers_torch_ops(_FLOATING[input.dtype], rows, weight.shape[0], in_features,
+                                     accumulate_grad) and _C._host_backend() == "cpu"
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -240,9 +242,11 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     accumulate_grad=True, backward adds the weight and bias gradients into an existing .grad in
     place (see the module docstring).
 
-    On the CPU, layers of at most 2^21 multiply-adds run as torch's own F.linear + activation
-    (their call overhead would exceed the work; CHAINRULE_CPU_GEMM=ours|aten turns this off), and
-    a call that needs no gradient runs the op without an autograd.Function.
+    On the CPU, a layer that chainrule cannot run faster than torch runs as torch's own F.linear
+    + activation: one of at most 2^21 multiply-adds (the call overhead would exceed the work), or
+    one the GEMM rule gives to ATen's GEMM in both passes without accumulate_grad (ATen's path
+    would run the same ops); CHAINRULE_CPU_GEMM=ours|aten turns this off. A call that needs no
+    gradient runs the op without an autograd.Function.
     """
     act = activation_op_name(activation)
     if isinstance(input, Tensor) and torch._C._is_any_autocast_enabled() and \
@@ -255,7 +259,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
-    if not torch.compiler.is_compiling() and _runs_as_torch_ops(input, weight, bias):
+    if not torch.compiler.is_compiling() and _runs_as_torch_ops(input, weight, bias,
+                                                                 accumulate_grad):
         return _native_activation(F.linear(input, weight, bias), act)
     if accumulate_grad and torch.compiler.is_compiling():
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way

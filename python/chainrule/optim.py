@@ -46,20 +46,22 @@ class Adam(torch.optim.Optimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, maximize: bool = False,
                  capturable: bool = False, master_weights: bool = False) -> None:
         name = type(self).__name__
+        # torch.optim.Adam's checks and wording, with the optimizer's name in front.
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"chainrule.optim.{name}: a tensor lr must have one element, "
                                  f"got shape {tuple(lr.shape)}")
         elif not 0.0 <= lr:
-            raise ValueError(f"chainrule.optim.{name}: invalid learning rate lr={lr}")
+            raise ValueError(f"chainrule.optim.{name}: invalid learning rate: {lr}")
         if not 0.0 <= eps:
-            raise ValueError(f"chainrule.optim.{name}: invalid epsilon eps={eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"chainrule.optim.{name}: invalid beta parameter at index 0: "
-                             f"{betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"chainrule.optim.{name}: invalid beta parameter at index 1: "
-                             f"{betas[1]}")
+            raise ValueError(f"chainrule.optim.{name}: invalid epsilon value: {eps}")
+        if len(betas) != 2:
+            raise ValueError(f"chainrule.optim.{name}: betas must be a pair (beta1, beta2), got "
+                             f"{betas!r}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"chainrule.optim.{name}: invalid beta parameter at index "
+                                 f"{index}: {beta}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"chainrule.optim.{name}: invalid weight_decay value: "
                              f"{weight_decay}")
@@ -94,10 +96,39 @@ class Adam(torch.optim.Optimizer):
         # A group saved without master_weights (by torch, or with it off) keeps this optimizer's.
         groups = [{"master_weights": group["master_weights"], **saved}
                   for group, saved in zip(self.param_groups, state_dict["param_groups"])]
+        # Groups beyond ours stay in, so torch's own check reports a different group count.
+        groups += state_dict["param_groups"][len(groups):]
         super().load_state_dict({**state_dict, "param_groups": groups})
 
-    def _init_state(self, group: dict, p: Tensor) -> dict:
+    def _check_state(self, state: dict, p: Tensor, where: str) -> None:
+        """A state loaded or set by hand must fit its parameter; the kernel would only name list
+        positions, this names the state key and the parameter."""
+        name = type(self).__name__
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+            value = state.get(key)
+            if value is None:
+                continue
+            prefix = f"chainrule.optim.{name}: state[{key!r}] of {where}"
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{prefix} must be a tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise RuntimeError(f"{prefix} must be a floating-point tensor, got {value.dtype}")
+            if distributed.is_dtensor(value) != distributed.is_dtensor(p):
+                continue  # a layout mismatch, which distributed.local_tensor reports
+            if value.shape != p.shape:
+                raise RuntimeError(f"{prefix} must have the parameter's shape {tuple(p.shape)}, "
+                                   f"got {tuple(value.shape)} (a state dict of another model?)")
+            if value.device != p.device:
+                raise RuntimeError(f"{prefix} must be on the parameter's device {p.device}, got "
+                                   f"{value.device}")
+        step = state.get("step")
+        if isinstance(step, Tensor) and step.numel() != 1:
+            raise RuntimeError(f"chainrule.optim.{name}: state['step'] of {where} must be a number "
+                               f"or a one-element tensor, got shape {tuple(step.shape)}")
+
+    def _init_state(self, group: dict, p: Tensor, where: str = "a parameter") -> dict:
         state = self.state[p]
+        self._check_state(state, p, where)
         dtype = _state_dtype(p)
         if len(state) == 0 or "exp_avg" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -131,18 +162,22 @@ class Adam(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         name = type(self).__name__
-        for group in self.param_groups:
-            # One kernel call per (device, master-weights) subset of the group.
+        for group_index, group in enumerate(self.param_groups):
+            # One kernel call per (device, master-weights) subset of the group: a group may span
+            # devices, as in torch; one call never does.
             calls: dict[tuple, dict[str, list]] = {}
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"chainrule.optim.{name} does not support sparse gradients")
+                where = f"param {index} of param group {group_index}"
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"chainrule.optim.{name} does not support sparse gradients (consider "
+                        f"torch.optim.SparseAdam), got a {p.grad.layout} grad for {where}")
                 if torch.is_complex(p):
                     raise RuntimeError(f"chainrule.optim.{name} does not support complex "
-                                       f"parameters, got {p.dtype}")
-                state = self._init_state(group, p)
+                                       f"parameters, got {p.dtype} for {where}")
+                state = self._init_state(group, p, where)
                 master = state.get("master_param") if group["master_weights"] else None
                 key = (p.device, master is not None)
                 lists = calls.setdefault(key, {k: [] for k in (

@@ -50,7 +50,7 @@ struct Driver {
           const int n = static_cast<int>(std::min<int64_t>(W, kc - k));
           R v = Kernel::load(a + off + k, n);
           if constexpr (G != chainrule::Activation::none) {
-            v = V::mul(v, simd_activation_derivative<G, V>(Kernel::load(pre + off + k, n)));
+            v = simd_activation_grad<G, V>(v, Kernel::load(pre + off + k, n));
             v = Kernel::round_to_input(v);
             if (transformed) Kernel::store(transformed + off + k, v, n);
           }
@@ -108,7 +108,7 @@ struct Driver {
           const int64_t off = (p0 + k) * p.a_col_stride + i0 + q * MR;
           v[h] = Kernel::load(a + off, mr);
           if constexpr (G != chainrule::Activation::none) {
-            v[h] = V::mul(v[h], simd_activation_derivative<G, V>(Kernel::load(pre + off, mr)));
+            v[h] = simd_activation_grad<G, V>(v[h], Kernel::load(pre + off, mr));
             v[h] = Kernel::round_to_input(v[h]);
           }
           if (row_sums) V::store(sums[q], V::add(V::load(sums[q]), v[h]));

@@ -96,7 +96,7 @@ inline typename V::reg simd_activation_forward(typename V::reg z) {
   if constexpr (A == Activation::none) {
     return z;
   } else if constexpr (A == Activation::relu) {
-    return V::select(V::gt(z, V::set1(0.0f)), z, V::set1(0.0f));
+    return V::select(V::le(z, V::set1(0.0f)), V::set1(0.0f), z);  // NaN passes, as in torch
   } else if constexpr (A == Activation::gelu) {
     // z * (0.5 + 0.5 * erf(z * inv_sqrt2))
     auto e = M::erf(V::mul(z, V::set1(C::inv_sqrt2)));
@@ -121,7 +121,7 @@ inline typename V::reg simd_activation_derivative(typename V::reg z) {
   if constexpr (A == Activation::none) {
     return V::set1(1.0f);
   } else if constexpr (A == Activation::relu) {
-    return V::select(V::gt(z, V::set1(0.0f)), V::set1(1.0f), V::set1(0.0f));
+    return V::select(V::le(z, V::set1(0.0f)), V::set1(0.0f), V::set1(1.0f));
   } else if constexpr (A == Activation::gelu) {
     // cdf = 0.5 + 0.5 * erf(z * inv_sqrt2); pdf = inv_sqrt_2pi * exp(-0.5 * z * z); cdf + z * pdf
     auto cdf = V::add(V::set1(0.5f), V::mul(V::set1(0.5f), M::erf(V::mul(z, V::set1(C::inv_sqrt2)))));
@@ -143,5 +143,15 @@ inline typename V::reg simd_activation_derivative(typename V::reg z) {
     // s = 1 / (1 + exp(-z)); s * (1 + z * (1 - s))
     auto s = V::div(V::set1(1.0f), V::add(V::set1(1.0f), M::exp(V::neg(z))));
     return V::mul(s, V::add(V::set1(1.0f), V::mul(z, V::sub(V::set1(1.0f), s))));
+  }
+}
+
+// Vector twin of chainrule::activation_grad: grad * act'(z), relu by selection.
+template <chainrule::Activation A, class V>
+inline typename V::reg simd_activation_grad(typename V::reg grad, typename V::reg z) {
+  if constexpr (A == chainrule::Activation::relu) {
+    return V::select(V::le(z, V::set1(0.0f)), V::set1(0.0f), grad);
+  } else {
+    return V::mul(grad, simd_activation_derivative<A, V>(z));
   }
 }

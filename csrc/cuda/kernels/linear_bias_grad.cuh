@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(BiasGradTile::kThreads)
       if constexpr (A != Activation::none) {
         const T z = static_cast<const T*>(
             p.pre_activation)[static_cast<int64_t>(row) * p.ld_pre_activation + col];
-        g = g * activation_derivative<A>(to_accumulate(z));
+        g = activation_grad<A>(g, to_accumulate(z));
         static_cast<T*>(p.grad_pre_activation)[static_cast<int64_t>(row) *
                                                    p.ld_grad_pre_activation + col] =
             from_accumulate<T>(g);

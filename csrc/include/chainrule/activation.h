@@ -13,6 +13,9 @@
 //   silu(z)      = z * s(z),  s = 1 / (1 + exp(-z))      silu'(z)      = s (1 + z (1 - s))
 //
 // gelu and gelu_tanh follow torch.nn.functional.gelu(approximate="none" | "tanh").
+// Non-finite z gives what the formulas give in IEEE arithmetic, which is torch's float64 result:
+// NaN stays NaN (relu included), gelu/gelu_tanh/silu(+inf) = +inf, (-inf) = NaN (-inf * 0), and
+// every derivative except relu's is NaN at +-inf (inf * 0); relu'(NaN) = 1 (docs/reliability.md).
 #pragma once
 
 #include <cmath>
@@ -74,7 +77,8 @@ CHAINRULE_HOST_DEVICE T activation_forward(T z) {
   if constexpr (A == Activation::none) {
     return z;
   } else if constexpr (A == Activation::relu) {
-    return z > T(0) ? z : T(0);
+    // Written as z <= 0 so that NaN passes through, as torch.relu does.
+    return z <= T(0) ? T(0) : z;
   } else if constexpr (A == Activation::gelu) {
     return z * (T(0.5) + T(0.5) * math::erf(z * C::inv_sqrt2));
   } else if constexpr (A == Activation::gelu_tanh) {
@@ -93,7 +97,9 @@ CHAINRULE_HOST_DEVICE T activation_derivative(T z) {
   if constexpr (A == Activation::none) {
     return T(1);
   } else if constexpr (A == Activation::relu) {
-    return z > T(0) ? T(1) : T(0);
+    // torch's threshold_backward(grad, relu(z), 0): 0 where relu(z) <= 0, else the gradient,
+    // so a NaN pre-activation passes the gradient through.
+    return z <= T(0) ? T(0) : T(1);
   } else if constexpr (A == Activation::gelu) {
     T cdf = T(0.5) + T(0.5) * math::erf(z * C::inv_sqrt2);
     T pdf = C::inv_sqrt_2pi * math::exp(T(-0.5) * z * z);
@@ -108,6 +114,18 @@ CHAINRULE_HOST_DEVICE T activation_derivative(T z) {
     static_assert(A == Activation::silu, "unhandled activation");
     T s = T(1) / (T(1) + math::exp(-z));
     return s * (T(1) + z * (T(1) - s));
+  }
+}
+
+// dL/dz = grad * act'(z), what backward computes per element. relu selects instead of
+// multiplying, as torch's threshold_backward does: a non-finite grad where z <= 0 gives 0, not
+// inf * 0 = NaN.
+template <Activation A, typename T>
+CHAINRULE_HOST_DEVICE T activation_grad(T grad, T z) {
+  if constexpr (A == Activation::relu) {
+    return z <= T(0) ? T(0) : grad;
+  } else {
+    return grad * activation_derivative<A>(z);
   }
 }
 
