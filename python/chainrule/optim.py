@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, ops
+from .optim_plan import Call, GroupPlan, StateSnapshot, dense_contiguous, gradient_mask
 
 __all__ = ["Adam", "AdamW"]
 
@@ -68,12 +69,14 @@ class Adam(torch.optim.Optimizer):
                         differentiable=False, fused=True,
                         decoupled_weight_decay=self._decoupled_weight_decay,
                         master_weights=master_weights)
+        self._drop_plans()
         super().__init__(params, defaults)
         # GradScaler hands over grad_scale / found_inf as attributes instead of unscaling grads.
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._drop_plans()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -95,6 +98,7 @@ class Adam(torch.optim.Optimizer):
         groups = [{"master_weights": group["master_weights"], **saved}
                   for group, saved in zip(self.param_groups, state_dict["param_groups"])]
         super().load_state_dict({**state_dict, "param_groups": groups})
+        self._drop_plans()
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
@@ -121,6 +125,61 @@ class Adam(torch.optim.Optimizer):
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
         return state
 
+    # ---- the step ------------------------------------------------------------------------------
+    # Each group's op calls are kept in a GroupPlan (chainrule/optim_plan.py) while the params,
+    # which of them have gradients, and the state they were built from stay the same; otherwise
+    # _build_plan makes them again from the state, as every step did before plans were kept.
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._drop_plans()
+
+    def _drop_plans(self) -> None:
+        self._plans: dict[int, GroupPlan] = {}
+        self._state_snapshot: Optional[StateSnapshot] = None
+
+    def _dense_gradient(self, grad: Tensor) -> Tensor:
+        if grad.is_sparse:
+            raise RuntimeError(f"chainrule.optim.{type(self).__name__} does not support sparse "
+                               f"gradients")
+        return grad if grad.is_contiguous() else grad.contiguous()
+
+    def _build_plan(self, group: dict, params: list, grads: list, has_grad: tuple) -> GroupPlan:
+        name = type(self).__name__
+        calls: dict[tuple, Call] = {}
+        keep = True
+        for index, (p, grad) in enumerate(zip(params, grads)):
+            if grad is None:
+                continue
+            if torch.is_complex(p):
+                raise RuntimeError(f"chainrule.optim.{name} does not support complex "
+                                   f"parameters, got {p.dtype}")
+            state = self._init_state(group, p)
+            master = state.get("master_param") if group["master_weights"] else None
+            key = (p.device, master is not None)
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = Call(p.device, len(params))
+            call.select[index] = True
+            keep = keep and not distributed.is_dtensor(p)
+
+            # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
+            def local(tensor, argument, p=p):
+                return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
+            call.params.append(local(p, "param"))
+            call.grads.append(self._dense_gradient(local(grad, "grad")))
+            call.exp_avgs.append(local(state["exp_avg"], "state['exp_avg']"))
+            call.exp_avg_sqs.append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
+            if group["amsgrad"]:
+                call.max_exp_avg_sqs.append(
+                    local(state["max_exp_avg_sq"], "state['max_exp_avg_sq']"))
+            call.state_steps.append(state["step"])
+            if master is not None:
+                call.master_params.append(local(master, "state['master_param']"))
+        for call in calls.values():
+            call.finish()
+        return GroupPlan(group, params, has_grad, list(calls.values()), keep)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One Adam step over every parameter that has a gradient."""
@@ -130,53 +189,49 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        name = type(self).__name__
+        plans = self._plans
+        # Under torch.compile the step is traced as written, through the full path.
+        keep_plans = not torch.compiler.is_compiling()
+        if plans and not (keep_plans and self._state_snapshot is not None and
+                          self._state_snapshot.holds(self.state)):
+            plans.clear()
+        rebuilt = False
         for group in self.param_groups:
-            # One kernel call per (device, master-weights) subset of the group.
-            calls: dict[tuple, dict[str, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"chainrule.optim.{name} does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError(f"chainrule.optim.{name} does not support complex "
-                                       f"parameters, got {p.dtype}")
-                state = self._init_state(group, p)
-                master = state.get("master_param") if group["master_weights"] else None
-                key = (p.device, master is not None)
-                lists = calls.setdefault(key, {k: [] for k in (
-                    "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                    "state_steps", "master_params")})
-                # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
-                def local(tensor, argument, p=p):
-                    return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
-                lists["params"].append(local(p, "param"))
-                grad = local(p.grad, "grad")
-                lists["grads"].append(grad if grad.is_contiguous() else grad.contiguous())
-                lists["exp_avgs"].append(local(state["exp_avg"], "state['exp_avg']"))
-                lists["exp_avg_sqs"].append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
-                if group["amsgrad"]:
-                    lists["max_exp_avg_sqs"].append(
-                        local(state["max_exp_avg_sq"], "state['max_exp_avg_sq']"))
-                lists["state_steps"].append(state["step"])
-                if master is not None:
-                    lists["master_params"].append(local(master, "state['master_param']"))
+            params = group["params"]
+            grads = [p.grad for p in params]
+            has_grad = gradient_mask(grads)
+            plan = plans.get(id(group))
+            fresh = plan is None or not plan.holds(group, params, has_grad)
+            if fresh:
+                plan = self._build_plan(group, params, grads, has_grad)
+                rebuilt = True
+                if plan.keep and keep_plans:
+                    plans[id(group)] = plan
+                else:
+                    plans.pop(id(group), None)
             beta1, beta2 = group["betas"]
-            for (device, _), lists in calls.items():
+            for call in plan.calls:
+                if fresh:
+                    call_grads, call.grads = call.grads, []  # kept plans hold no gradients
+                else:
+                    call_grads = call.gradients(grads)
+                    if not dense_contiguous(call_grads):
+                        call_grads = [self._dense_gradient(g) for g in call_grads]
                 lr = distributed.local_scalar(group["lr"])
-                if isinstance(lr, Tensor) and lr.device != device:
+                if isinstance(lr, Tensor) and lr.device != call.device:
                     # A CPU lr is read on the host: a copy to the device each step would be a
                     # host synchronisation, and an error under CUDA graph capture.
-                    lr = float(lr) if lr.device.type == "cpu" else lr.to(device)
+                    lr = float(lr) if lr.device.type == "cpu" else lr.to(call.device)
                 ops.adam_(
-                    lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-                    lists["max_exp_avg_sqs"], lists["state_steps"], lists["master_params"],
+                    call.params, call_grads, call.exp_avgs, call.exp_avg_sqs,
+                    call.max_exp_avg_sqs, call.state_steps, call.master_params,
                     lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    found_inf=None if found_inf is None else found_inf.to(device))
+                    grad_scale=None if grad_scale is None else grad_scale.to(call.device),
+                    found_inf=None if found_inf is None else found_inf.to(call.device))
+        if rebuilt and plans:
+            self._state_snapshot = StateSnapshot(self.state)
         return loss
 
 
