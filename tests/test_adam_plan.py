@@ -30,6 +30,7 @@ REBUILDING_EVENTS = [
     "dtype_float64",             # model.to(torch.float64): moments follow the param's dtype
     "dtype_bfloat16_master",     # model.to(torch.bfloat16) with master_weights=True: a master appears
     "amsgrad_turned_on",         # group["amsgrad"] = True: max_exp_avg_sq appears
+    "param_groups_copied",       # opt.param_groups replaced by copies of its dicts
 ]
 # events that keep the calls
 KEEPING_EVENTS = [
@@ -76,6 +77,8 @@ def run(event, device, keep_plans):
                 model.to(torch.bfloat16)
             elif event == "amsgrad_turned_on":
                 opt.param_groups[0]["amsgrad"] = True
+            elif event == "param_groups_copied":
+                opt.param_groups = [dict(group) for group in opt.param_groups]
             elif event == "lr_changed":
                 opt.param_groups[0]["lr"] = 5e-2
             elif event == "state_tensor_updated":
@@ -102,6 +105,8 @@ def run(event, device, keep_plans):
             else:
                 saved = opt.state_dict()
             saved = copy.deepcopy(saved)
+    if keep_plans:
+        assert set(opt._plans) == {id(group) for group in opt.param_groups}
     params = [p for group in opt.param_groups for p in group["params"]]
     states = [{key: value.clone() for key, value in opt.state[p].items()} for p in params]
     return [p.detach().clone() for p in params], states, plans
