@@ -142,10 +142,13 @@ class Adam(torch.optim.Optimizer):
         self._plans: dict[int, GroupPlan] = {}
         self._state_snapshot: Optional[StateSnapshot] = None
 
+    def _sparse_gradient_error(self) -> RuntimeError:
+        return RuntimeError(f"chainrule.optim.{type(self).__name__} does not support sparse "
+                            f"gradients")
+
     def _dense_gradient(self, grad: Tensor) -> Tensor:
         if grad.is_sparse:
-            raise RuntimeError(f"chainrule.optim.{type(self).__name__} does not support sparse "
-                               f"gradients")
+            raise self._sparse_gradient_error()
         return grad if grad.is_contiguous() else grad.contiguous()
 
     def _build_plan(self, group: dict, params: list, grads: list, has_grad: tuple) -> GroupPlan:
@@ -155,6 +158,8 @@ class Adam(torch.optim.Optimizer):
         for index, (p, grad) in enumerate(zip(params, grads)):
             if grad is None:
                 continue
+            if grad.is_sparse:
+                raise self._sparse_gradient_error()
             if torch.is_complex(p):
                 raise RuntimeError(f"chainrule.optim.{name} does not support complex "
                                    f"parameters, got {p.dtype}")
