@@ -12,10 +12,16 @@ bf16 rows: bfloat16 parameters and gradients with float32 master weights and mom
 Adam on float32 master copies (gradients converted to float32 first) and a copy back into the
 bfloat16 parameters. Bytes per parameter: grad 2 + moments 16 + master 8 + param write 2 = 28.
 
+Host cost row (quick and full modes, fp32): 1000 tensors of 1000 elements each against
+torch.optim.Adam(fused=True) alone, in ms per step. At this size the step is mostly per-tensor
+host work (gathering the lists, the op call's argument conversion, argument checks); the target
+is <= 2 ms per step.
+
 --shapes takes PARAMSxTENSORS, e.g. 16e6x50,1e6x1000.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from pathlib import Path
@@ -28,6 +34,7 @@ import harness  # noqa: E402
 
 BYTES_PER_PARAM = {torch.float32: 28, torch.bfloat16: 28}
 TARGET = (16_000_000, 50)
+HOST_COST = (1000, 1000)  # tensors, elements per tensor (smoke mode: 10 x 100)
 
 
 def shapes_for(s: harness.Settings) -> list[tuple[int, int]]:
@@ -69,18 +76,18 @@ def make_params(sizes, dtype, device, seed):
             .requires_grad_() for n in sizes]
 
 
-def fp32_config(sizes, device, chainrule, s):
+def fp32_config(sizes, device, chainrule, s, baselines=("foreach", "fused")):
     """Contenders and a check for fp32 parameters."""
     grads = make_params(sizes, torch.float32, device, seed=1)
     sets = {name: make_params(sizes, torch.float32, device, seed=0)
-            for name in ("chainrule", "foreach", "fused")}
+            for name in ("chainrule", *baselines)}
     for params in sets.values():
         for p, g in zip(params, grads):
             p.grad = g.detach()
     hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    optimizers = {"chainrule": chainrule.optim.Adam(sets["chainrule"], **hyper),
-                  "foreach": torch.optim.Adam(sets["foreach"], foreach=True, **hyper),
-                  "fused": torch.optim.Adam(sets["fused"], fused=True, **hyper)}
+    optimizers = {"chainrule": chainrule.optim.Adam(sets["chainrule"], **hyper)}
+    for name in baselines:
+        optimizers[name] = torch.optim.Adam(sets[name], **{name: True}, **hyper)
     # The check: one step of chainrule and of torch's fused Adam from the same state, compared;
     # it is also each optimizer's first (state-allocating) step, so timing starts warm.
     with torch.no_grad():
@@ -146,12 +153,19 @@ def main(argv=None) -> int:
                 if dtype == torch.bfloat16 and s.mode in ("quick", "full") and not args.shapes \
                         and (params, tensors) != TARGET:
                     continue
-                configs.append((params, tensors, dtype))
-        for params, tensors, dtype in harness.progress(configs, s, "adam"):
+                configs.append((params, tensors, dtype, False))
+            if dtype == torch.float32 and not args.shapes:
+                tensors, elements = HOST_COST if s.mode in ("quick", "full") else (10, 100)
+                configs.append((tensors * elements, tensors, dtype, True))
+        for params, tensors, dtype, host_cost in harness.progress(configs, s, "adam"):
             if dtype not in (torch.float32, torch.bfloat16):
                 raise SystemExit("bench_adam: --dtype float32 and/or bfloat16")
-            sizes = split(params, tensors)
-            build = fp32_config if dtype == torch.float32 else bf16_master_config
+            if host_cost:
+                sizes = [params // tensors] * tensors
+                build = functools.partial(fp32_config, baselines=("fused",))
+            else:
+                sizes = split(params, tensors)
+                build = fp32_config if dtype == torch.float32 else bf16_master_config
             built = []
 
             def build_and_check():
@@ -171,16 +185,20 @@ def main(argv=None) -> int:
             label = f"{count(params)} params / {tensors} tensors {harness.dtype_name(dtype)}"
             if dtype == torch.bfloat16:
                 label += " master"
+            if host_cost:
+                label = f"{tensors} tensors x {params // tensors} {harness.dtype_name(dtype)} step"
             rows.append(harness.make_row(
                 subject="adam", label=label, size=float(params), times=times, check=check,
                 work=float(bytes_per_param * params), unit="GB/s", peak=peak, peak_name=peak_name,
                 cpu_times=cpu_times, threads=s.threads,
                 config={"params": params, "tensors": tensors, "dtype": harness.dtype_name(dtype),
                         "master_weights": dtype == torch.bfloat16, "device": str(s.device),
-                        "bytes_per_param": bytes_per_param},
+                        "bytes_per_param": bytes_per_param, "host_cost": host_cost},
                 extra={"series": f"{harness.dtype_name(dtype)}"
-                                 f"{' master' if dtype == torch.bfloat16 else ''} {tensors} tensors",
-                       "note": ("target; " if (params, tensors) == TARGET else "")
+                                 f"{' master' if dtype == torch.bfloat16 else ''} {tensors} tensors"
+                                 f"{' even' if host_cost else ''}",
+                       "note": ("target; " if (params, tensors) == TARGET and not host_cost else "")
+                               + ("host cost, target <= 2 ms at 1000 x 1000; " if host_cost else "")
                                + f"{bytes_per_param} B/param"}))
             del contenders, keep
             gc.collect()

@@ -140,25 +140,30 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
   TORCH_CHECK(master_params.empty() || master_params.size() == n, op,
               ": master_params must be empty or have one tensor per param (", n, "), got ",
               master_params.size());
+  // Per tensor, only comparisons run: the messages (and their index "[i]") are formatted when a
+  // check fails, so a step over 1000 tensors spends no time building strings.
+  const bool master = !master_params.empty();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const std::string at_i = c10::str("[", i, "]");
-    check_floating(op, ("params" + at_i).c_str(), p);
-    TORCH_CHECK(p.device() == params[0].device(), op, ": all params must be on one device, got params",
-                at_i, " on ", p.device(), " and params[0] on ", params[0].device());
-    TORCH_CHECK(p.is_contiguous(), op, ": params", at_i, " must be contiguous, got strides ",
+    TORCH_CHECK(p.is_floating_point(), op, ": params[", i,
+                "] must be a floating-point tensor (float64, float32, bfloat16 or float16), got ",
+                describe(p));
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i,
+                "] must be a dense (strided) tensor, got ", p.layout(), " layout");
+    TORCH_CHECK(p.device() == params[0].device(), op, ": all params must be on one device, got params[",
+                i, "] on ", p.device(), " and params[0] on ", params[0].device());
+    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous, got strides ",
                 p.strides());
-    const bool master = !master_params.empty();
     // States are float32 for float32/bfloat16/float16 params and float64 for float64 params.
     const at::ScalarType state_type = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto check_state = [&](const char* name, const at::Tensor& t, at::ScalarType dtype) {
-      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, at_i, " must have params", at_i,
-                  "'s shape ", p.sizes(), ", got ", describe(t));
-      TORCH_CHECK(t.device() == p.device(), op, ": ", name, at_i, " must be on params", at_i,
-                  "'s device ", p.device(), ", got ", describe(t));
-      TORCH_CHECK(t.is_contiguous(), op, ": ", name, at_i, " must be contiguous, got strides ",
+      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] must have params[", i,
+                  "]'s shape ", p.sizes(), ", got ", describe(t));
+      TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] must be on params[", i,
+                  "]'s device ", p.device(), ", got ", describe(t));
+      TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous, got strides ",
                   t.strides());
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, at_i, " must be ", dtype_name(dtype),
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] must be ", dtype_name(dtype),
                   " for a ", dtype_name(p.scalar_type()), " param, got ", describe(t));
     };
     check_state("grads", grads[i], p.scalar_type());
@@ -167,15 +172,15 @@ void check_adam(const char* op, at::TensorList params, at::TensorList grads,
     if (amsgrad) check_state("max_exp_avg_sqs", max_exp_avg_sqs[i], state_type);
     if (master) {
       TORCH_CHECK(p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf, op,
-                  ": master_params are kept only for bfloat16/float16 params, got params", at_i,
-                  " of dtype ", dtype_name(p.scalar_type()));
+                  ": master_params are kept only for bfloat16/float16 params, got params[", i,
+                  "] of dtype ", dtype_name(p.scalar_type()));
       check_state("master_params", master_params[i], at::kFloat);
     }
     const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat, op, ": state_steps", at_i,
-                " must be a float32 tensor with one element, got ", describe(step));
-    TORCH_CHECK(step.device() == p.device(), op, ": state_steps", at_i, " must be on params",
-                at_i, "'s device ", p.device(), ", got ", describe(step));
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat, op, ": state_steps[", i,
+                "] must be a float32 tensor with one element, got ", describe(step));
+    TORCH_CHECK(step.device() == p.device(), op, ": state_steps[", i, "] must be on params[",
+                i, "]'s device ", p.device(), ", got ", describe(step));
   }
   auto check_scalar = [&](const char* name, const std::optional<at::Tensor>& t) {
     if (!t.has_value()) return;

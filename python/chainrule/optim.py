@@ -13,6 +13,10 @@ count included). A step can be captured in a CUDA graph (capturable is accepted 
 signature and changes nothing); an lr tensor on the CPU is read on the host, as torch's fused
 Adam does, so a captured graph keeps the value it had at capture: put lr on the device to change
 it between replays.
+
+The argument lists of each group's op calls are kept from one step to the next while the group's
+params, their gradients' presence and the state are unchanged (chainrule/optim_plan.py): a step
+re-reads only the gradients, so its host cost per parameter is a few C-level list passes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, ops
+from .optim_plan import Call, GroupPlan, StateSnapshot, dense_contiguous, gradient_mask
 
 __all__ = ["Adam", "AdamW"]
 
@@ -70,12 +75,14 @@ class Adam(torch.optim.Optimizer):
                         differentiable=False, fused=True,
                         decoupled_weight_decay=self._decoupled_weight_decay,
                         master_weights=master_weights)
+        self._drop_plans()
         super().__init__(params, defaults)
         # GradScaler hands over grad_scale / found_inf as attributes instead of unscaling grads.
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._drop_plans()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -99,6 +106,7 @@ class Adam(torch.optim.Optimizer):
         # Groups beyond ours stay in, so torch's own check reports a different group count.
         groups += state_dict["param_groups"][len(groups):]
         super().load_state_dict({**state_dict, "param_groups": groups})
+        self._drop_plans()
 
     def _check_state(self, state: dict, p: Tensor, where: str) -> None:
         """A state loaded or set by hand must fit its parameter; the kernel would only name list
@@ -152,6 +160,66 @@ class Adam(torch.optim.Optimizer):
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
         return state
 
+    # ---- the step ------------------------------------------------------------------------------
+    # Each group's op calls are kept in a GroupPlan (chainrule/optim_plan.py) while the params,
+    # which of them have gradients, and the state they were built from stay the same; otherwise
+    # _build_plan makes them again from the state, as every step did before plans were kept.
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._drop_plans()
+
+    def _drop_plans(self) -> None:
+        self._plans: dict[int, GroupPlan] = {}
+        self._state_snapshot: Optional[StateSnapshot] = None
+
+    def _dense_gradient(self, grad: Tensor, where: str) -> Tensor:
+        if grad.layout != torch.strided:
+            raise RuntimeError(
+                f"chainrule.optim.{type(self).__name__} does not support sparse gradients "
+                f"(consider torch.optim.SparseAdam), got a {grad.layout} grad for {where}")
+        return grad if grad.is_contiguous() else grad.contiguous()
+
+    def _build_plan(self, group: dict, group_index: int, params: list, grads: list,
+                    has_grad: tuple) -> GroupPlan:
+        name = type(self).__name__
+        calls: dict[tuple, Call] = {}
+        keep = True
+        for index, (p, grad) in enumerate(zip(params, grads)):
+            if grad is None:
+                continue
+            where = f"param {index} of param group {group_index}"
+            if grad.layout != torch.strided:
+                self._dense_gradient(grad, where)  # raises, before any state is created
+            if torch.is_complex(p):
+                raise RuntimeError(f"chainrule.optim.{name} does not support complex "
+                                   f"parameters, got {p.dtype} for {where}")
+            state = self._init_state(group, p, where)
+            master = state.get("master_param") if group["master_weights"] else None
+            key = (p.device, master is not None)
+            call = calls.get(key)
+            if call is None:
+                call = calls[key] = Call(p.device, len(params))
+            call.select[index] = True
+            keep = keep and not distributed.is_dtensor(p)
+
+            # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
+            def local(tensor, argument, p=p):
+                return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
+            call.params.append(local(p, "param"))
+            call.grads.append(self._dense_gradient(local(grad, "grad"), where))
+            call.exp_avgs.append(local(state["exp_avg"], "state['exp_avg']"))
+            call.exp_avg_sqs.append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
+            if group["amsgrad"]:
+                call.max_exp_avg_sqs.append(
+                    local(state["max_exp_avg_sq"], "state['max_exp_avg_sq']"))
+            call.state_steps.append(state["step"])
+            if master is not None:
+                call.master_params.append(local(master, "state['master_param']"))
+        for call in calls.values():
+            call.finish()
+        return GroupPlan(group, params, has_grad, list(calls.values()), keep)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One Adam step over every parameter that has a gradient."""
@@ -161,58 +229,60 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        name = type(self).__name__
+        plans = self._plans
+        # Under torch.compile the step is traced as written, through the full path.
+        keep_plans = not torch.compiler.is_compiling()
+        if plans and not (keep_plans and self._state_snapshot is not None and
+                          self._state_snapshot.holds(self.state)):
+            plans.clear()
+        rebuilt = False
         for group_index, group in enumerate(self.param_groups):
-            # One kernel call per (device, master-weights) subset of the group: a group may span
-            # devices, as in torch; one call never does.
-            calls: dict[tuple, dict[str, list]] = {}
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                where = f"param {index} of param group {group_index}"
-                if p.grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"chainrule.optim.{name} does not support sparse gradients (consider "
-                        f"torch.optim.SparseAdam), got a {p.grad.layout} grad for {where}")
-                if torch.is_complex(p):
-                    raise RuntimeError(f"chainrule.optim.{name} does not support complex "
-                                       f"parameters, got {p.dtype} for {where}")
-                state = self._init_state(group, p, where)
-                master = state.get("master_param") if group["master_weights"] else None
-                key = (p.device, master is not None)
-                lists = calls.setdefault(key, {k: [] for k in (
-                    "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                    "state_steps", "master_params")})
-                # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
-                def local(tensor, argument, p=p):
-                    return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
-                lists["params"].append(local(p, "param"))
-                grad = local(p.grad, "grad")
-                lists["grads"].append(grad if grad.is_contiguous() else grad.contiguous())
-                lists["exp_avgs"].append(local(state["exp_avg"], "state['exp_avg']"))
-                lists["exp_avg_sqs"].append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
-                if group["amsgrad"]:
-                    lists["max_exp_avg_sqs"].append(
-                        local(state["max_exp_avg_sq"], "state['max_exp_avg_sq']"))
-                lists["state_steps"].append(state["step"])
-                if master is not None:
-                    lists["master_params"].append(local(master, "state['master_param']"))
+            params = group["params"]
+            grads = [p.grad for p in params]
+            has_grad = gradient_mask(grads)
+            plan = plans.get(id(group))
+            fresh = plan is None or not plan.holds(group, params, has_grad)
+            if fresh:
+                plan = self._build_plan(group, group_index, params, grads, has_grad)
+                rebuilt = True
+                if plan.keep and keep_plans:
+                    plans[id(group)] = plan
+                else:
+                    plans.pop(id(group), None)
             beta1, beta2 = group["betas"]
-            for (device, _), lists in calls.items():
+            for call in plan.calls:
+                if fresh:
+                    call_grads, call.grads = call.grads, []  # kept plans hold no gradients
+                else:
+                    call_grads = call.gradients(grads)
+                    if not dense_contiguous(call_grads):
+                        call_grads = [self._dense_gradient(
+                            g, f"param {_index_of(g, grads)} of param group {group_index}")
+                            for g in call_grads]
                 lr = distributed.local_scalar(group["lr"])
-                if isinstance(lr, Tensor) and lr.device != device:
+                if isinstance(lr, Tensor) and lr.device != call.device:
                     # A CPU lr is read on the host: a copy to the device each step would be a
                     # host synchronisation, and an error under CUDA graph capture.
-                    lr = float(lr) if lr.device.type == "cpu" else lr.to(device)
+                    lr = float(lr) if lr.device.type == "cpu" else lr.to(call.device)
                 ops.adam_(
-                    lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-                    lists["max_exp_avg_sqs"], lists["state_steps"], lists["master_params"],
+                    call.params, call_grads, call.exp_avgs, call.exp_avg_sqs,
+                    call.max_exp_avg_sqs, call.state_steps, call.master_params,
                     lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                     eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"],
-                    grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    found_inf=None if found_inf is None else found_inf.to(device))
+                    grad_scale=None if grad_scale is None else grad_scale.to(call.device),
+                    found_inf=None if found_inf is None else found_inf.to(call.device))
+        if len(plans) > len(self.param_groups):  # param_groups replaced by other dicts
+            current = {id(group) for group in self.param_groups}
+            for key in [key for key in plans if key not in current]:
+                del plans[key]
+        if rebuilt and plans:
+            self._state_snapshot = StateSnapshot(self.state)
         return loss
+
+
+def _index_of(tensor: Tensor, tensors: list) -> int:
+    return next(i for i, t in enumerate(tensors) if t is tensor)
 
 
 class AdamW(Adam):
