@@ -78,6 +78,10 @@ def running_on(name: str):
         raise ValueError(name)
 
 
+# Subprocesses that tests start (distributed ranks, the memory soak) inherit this.
+os.environ["CHAINRULE_CPU_TORCH_OPS"] = "0"
+
+
 @pytest.fixture(autouse=True)
 def _kernels_at_every_size():
     """Tiny CPU layers run as torch's own F.linear + activation for users (auto mode); the suite

@@ -114,13 +114,24 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
   return choose_gemm_path(cpu_traits(), ours_available, dtype, pass, m, n, k);
 }
 
-std::atomic<bool> g_small_layers_to_torch{true};
+// -1: not set yet (CHAINRULE_CPU_TORCH_OPS=0 turns it off, for tests' subprocesses); 0 / 1.
+std::atomic<int> g_small_layers_to_torch{-1};
 
-void set_small_layers_to_torch(bool enabled) { g_small_layers_to_torch.store(enabled); }
+void set_small_layers_to_torch(bool enabled) { g_small_layers_to_torch.store(enabled ? 1 : 0); }
+
+bool small_layers_to_torch() {
+  int value = g_small_layers_to_torch.load(std::memory_order_relaxed);
+  if (value < 0) {
+    const char* env = std::getenv("CHAINRULE_CPU_TORCH_OPS");
+    value = env != nullptr && std::string_view(env) == "0" ? 0 : 1;
+    int unset = -1;
+    g_small_layers_to_torch.compare_exchange_strong(unset, value);
+  }
+  return value != 0;
+}
 
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate) {
-  if (!g_small_layers_to_torch.load(std::memory_order_relaxed) ||
-      gemm_path_mode() != GemmPathMode::automatic) {
+  if (!small_layers_to_torch() || gemm_path_mode() != GemmPathMode::automatic) {
     return false;
   }
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two

@@ -50,8 +50,8 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // microseconds of Python and dispatch, exceeds the work; and when the rule gives ATen's GEMM to
 // both passes in the dtype as it is and nothing is accumulated into .grad, since ATen's path then
 // runs the very ops eager PyTorch runs and would only add that fixed cost. Only in auto mode, and
-// only while set_small_layers_to_torch(true) (the default; the test suite turns it off to test
-// chainrule's own code at every size).
+// only while set_small_layers_to_torch(true) (the default, unless CHAINRULE_CPU_TORCH_OPS=0; the
+// test suite turns it off to test chainrule's own code at every size).
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate);
 void set_small_layers_to_torch(bool enabled);
 
