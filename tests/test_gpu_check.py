@@ -253,6 +253,17 @@ def test_cuda_rows_skipped_for_want_of_a_gpu_fail_the_step():
     assert not ok and "nothing ran" in text
 
 
+def test_test_files_that_cannot_be_imported_name_the_missing_module():
+    xml = """<testsuites><testsuite errors="1" failures="0" skipped="0" tests="3">
+      <testcase classname="" name="test_properties_linear"><error message="collection failure">
+      ImportError while importing test module ...
+      E   ModuleNotFoundError: No module named 'hypothesis'</error></testcase></testsuite></testsuites>"""
+    counts = gpu_check.pytest_counts(xml)
+    assert counts["missing_modules"] == ["hypothesis"]
+    assert gpu_check.pytest_verdict(counts) == (
+        False, "2 passed, 0 failed, 1 errors, 0 skipped (not installed: hypothesis)")
+
+
 def test_port_check_lines_are_counted():
     counts = gpu_check.port_check_counts("port check on H200\nPASS a gpu == emulator\nPASS b x\n"
                                          "FAIL c gpu: launch\nEMULATED d\nport check: 4 cases\n")

@@ -317,6 +317,12 @@ def pytest_counts(junit_xml: str) -> dict:
         reason = (skipped.get("message") or "").strip()
         reasons[reason] = reasons.get(reason, 0) + 1
     counts["skip_reasons"] = reasons
+    # A test file that cannot be imported (hypothesis missing on the GPU machine, say) is a
+    # collection error; name the missing modules.
+    missing = set()
+    for error in root.iter("error"):
+        missing.update(re.findall(r"No module named '([\w.]+)'", (error.get("message") or "") + (error.text or "")))
+    counts["missing_modules"] = sorted(missing)
     return counts
 
 
@@ -328,6 +334,8 @@ def pytest_verdict(counts: dict) -> tuple[bool, str]:
                  if any(r in reason for r in CUDA_MISSING_REASONS))
     if no_gpu:
         return False, text + f" ({no_gpu} skipped because the CUDA rows could not run)"
+    if counts.get("missing_modules"):
+        return False, text + f" (not installed: {', '.join(counts['missing_modules'])})"
     if counts["failures"] or counts["errors"]:
         return False, text
     if counts["passed"] == 0:
@@ -546,12 +554,14 @@ def pytest_step(ctx: Context, timeout: float, name: str, files: list[str], keywo
     junit = ctx.report_dir / f"{name}.xml"
     if junit.exists():
         junit.unlink()
-    command = [ctx.python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    command = [ctx.python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+               f"--junitxml={junit}"]
     if keyword:
         command += ["-k", keyword]
     run = run_command(command + files, timeout, env=ctx.env(), cwd=ROOT / "tests", log=ctx.log(name))
     if not junit.exists():
-        return command_step_result(name, run, timeout, f"pytest wrote no report (exit {run.returncode})", False)
+        why = "pytest is not installed" if "No module named pytest" in run.output else "pytest wrote no report"
+        return command_step_result(name, run, timeout, f"{why} (exit {run.returncode})", False)
     counts = pytest_counts(junit.read_text())
     ok, summary = pytest_verdict(counts)
     return command_step_result(name, run, timeout, summary, ok and run.returncode == 0,
