@@ -573,7 +573,8 @@ def sanitizer_step(ctx: Context, timeout: float, tool: str) -> StepResult:
     if sanitizer is None:
         return StepResult(tool, "skipped", 0.0, timeout,
                           "compute-sanitizer is not installed (CUDA_HOME/bin, PATH, /usr/local/cuda*/bin)")
-    help_text = subprocess.run([sanitizer, "--help"], capture_output=True, text=True).stdout
+    shown = subprocess.run([sanitizer, "--help"], capture_output=True, text=True)
+    help_text = shown.stdout + shown.stderr
     script = ROOT / "tests" / "cuda_sanitize" / "sanitize_workload.py"
     run = run_command(sanitizer_command(sanitizer, tool, help_text, ctx.python, script), timeout,
                       env=ctx.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1"), log=ctx.log(tool))
