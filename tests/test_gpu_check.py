@@ -245,6 +245,18 @@ def test_pytest_counts_and_verdict():
     assert ok and text == "4 passed, 0 failed, 0 errors, 1 skipped"
 
 
+def test_pytest_lines_name_failed_tests_and_skip_reasons():
+    xml = _junit(4, failures=1, reasons=["a"] * 2).replace(
+        'name="test_forward[cuda-float32]" time="0.1"/>',
+        'name="test_forward[cuda-float32]" time="0.1"><failure message="assert 1 == 2"/></testcase>')
+    counts = gpu_check.pytest_counts(xml)
+    assert counts["failed_tests"] == ["test_linear::test_forward[cuda-float32]"]
+    assert gpu_check.pytest_lines(counts) == ["failed: test_linear::test_forward[cuda-float32]",
+                                              "skipped 2x: a"]
+    many = dict(counts, failed_tests=[f"t{i}" for i in range(25)])
+    assert gpu_check.pytest_lines(many)[20] == "... and 5 more failed"
+
+
 def test_cuda_rows_skipped_for_want_of_a_gpu_fail_the_step():
     counts = gpu_check.pytest_counts(_junit(3, reasons=["no CUDA device on this machine"] * 2))
     ok, text = gpu_check.pytest_verdict(counts)

@@ -323,7 +323,20 @@ def pytest_counts(junit_xml: str) -> dict:
     for error in root.iter("error"):
         missing.update(re.findall(r"No module named '([\w.]+)'", (error.get("message") or "") + (error.text or "")))
     counts["missing_modules"] = sorted(missing)
+    counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+                              if case.find("failure") is not None or case.find("error") is not None]
     return counts
+
+
+def pytest_lines(counts: dict, limit: int = 20) -> list[str]:
+    """The report's lines for a pytest step: failed tests (at most `limit`), then skip reasons."""
+    failed = counts["failed_tests"]
+    lines = [f"failed: {name}" for name in failed[:limit]]
+    if len(failed) > limit:
+        lines.append(f"... and {len(failed) - limit} more failed")
+    lines += [f"skipped {n}x: {reason}" for reason, n in sorted(counts["skip_reasons"].items(),
+                                                              key=lambda item: -item[1])]
+    return lines
 
 
 def pytest_verdict(counts: dict) -> tuple[bool, str]:
@@ -565,7 +578,7 @@ def pytest_step(ctx: Context, timeout: float, name: str, files: list[str], keywo
     counts = pytest_counts(junit.read_text())
     ok, summary = pytest_verdict(counts)
     return command_step_result(name, run, timeout, summary, ok and run.returncode == 0,
-                               {"counts": counts})
+                               {"counts": counts, "lines": pytest_lines(counts)})
 
 
 def sanitizer_step(ctx: Context, timeout: float, tool: str) -> StepResult:
