@@ -350,6 +350,49 @@ def test_benchmarks_step_fails_without_cuda_rows(tmp_path):
     assert "adam: --device cuda: no CUDA device" in result.summary
 
 
+def _fake_cmake(tmp_path, configure_exit=0, build_script="exit 0"):
+    """A cmake stand-in: the configure call exits with configure_exit, --build runs build_script."""
+    fake = tmp_path / "cmake"
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = --build ]; then {build_script}; fi\n"
+                    f"echo configured; exit {configure_exit}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+@pytest.mark.parametrize("configure_exit,build_script,status,summary", [
+    (1, "exit 0", "failed", "CMake's configure step failed"),
+    (0, "echo 'error: linear.cu'; exit 1", "failed", "the build failed"),
+    (0, "sleep 30", "timeout", "stopped at its 20 s budget; the build failed"),
+])
+def test_build_step_reports_a_failed_or_slow_build(tmp_path, monkeypatch, configure_exit, build_script,
+                                                    status, summary):
+    monkeypatch.setattr(gpu_check, "find_cmake", lambda python: _fake_cmake(tmp_path, configure_exit, build_script))
+    monkeypatch.setattr(gpu_check, "BUILD_DIR", tmp_path / "build")
+    start = time.monotonic()
+    result = gpu_check.build_step(_context(tmp_path), 20)
+    assert (result.status, result.summary) == (status, summary)
+    assert time.monotonic() - start < 20
+    assert "$ " in (tmp_path / "logs" / "build.log").read_text()
+
+
+def test_build_step_stages_the_built_module_and_imports_it_from_there(tmp_path, monkeypatch):
+    import chainrule  # noqa: PLC0415
+    built = Path(chainrule._C.__file__)
+    monkeypatch.setattr(gpu_check, "find_cmake", lambda python: _fake_cmake(
+        tmp_path, build_script=f"cp {built} {tmp_path / 'build'}/"))
+    monkeypatch.setattr(gpu_check, "BUILD_DIR", tmp_path / "build")
+    (tmp_path / "build").mkdir()
+    info = chainrule.build_info()
+    # The check passes only when the module has the CUDA kernels for exactly the chosen architecture.
+    ctx = _context(tmp_path)
+    result = gpu_check.build_step(ctx, 120)
+    assert ctx.staged == tmp_path / "build" / "python"
+    assert (ctx.staged / "chainrule" / built.name).exists() and (ctx.staged / "chainrule" / "optim.py").exists()
+    assert result.data["build_info"] == info
+    expected = info["cuda_compiled"] and info["cuda_architectures"] == ["sm_90"]
+    assert result.status == ("passed" if expected else "failed"), result.summary
+
+
 def test_sanitizer_step_is_skipped_where_the_tool_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "find_tool", lambda name, cuda_home: None)
     result = gpu_check.sanitizer_step(_context(tmp_path), 60, "memcheck")

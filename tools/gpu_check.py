@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = ROOT / "build" / "gpu-check"
 TOTAL_BUDGET_S = 540
 MINIMUM_STEP_S = 5  # a step with less time left than this is not started
+PROBE_S = 15  # of the build's budget, kept for staging the package and importing it
 
 # Step name -> time budget in seconds; the sum stays within TOTAL_BUDGET_S (README.md, "GPU check").
 STEPS = {
@@ -516,7 +517,8 @@ def build_step(ctx: Context, timeout: float) -> StepResult:
                             timeout, env=ctx.env(), log=ctx.log("build"))
     if configure.timed_out or configure.returncode != 0:
         return command_step_result("build", configure, timeout, "CMake's configure step failed", False)
-    build = run_command(cmake_build_command(cmake, BUILD_DIR, ctx.jobs), deadline - time.monotonic(),
+    # The import check after the build gets the last PROBE_S seconds of the budget.
+    build = run_command(cmake_build_command(cmake, BUILD_DIR, ctx.jobs), deadline - time.monotonic() - PROBE_S,
                         env=ctx.env(CMAKE_BUILD_PARALLEL_LEVEL=str(ctx.jobs)), log=ctx.log("build"))
     seconds = configure.seconds + build.seconds
     if build.timed_out or build.returncode != 0:
@@ -525,10 +527,11 @@ def build_step(ctx: Context, timeout: float) -> StepResult:
         return result
     ctx.staged = stage_package(BUILD_DIR)
     probe = run_command([ctx.python, "-c", "import chainrule, json; print(json.dumps(chainrule.build_info())); "
-                         "print(chainrule.__file__)"], 60, env=ctx.env(), log=ctx.log("build"))
+                         "print(chainrule.__file__)"], max(deadline - time.monotonic(), 1), env=ctx.env(),
+                        log=ctx.log("build"))
     info = {}
     if probe.returncode == 0:
-        info = json.loads(probe.output.splitlines()[0])
+        info = json.loads(next(line for line in probe.output.splitlines() if line.startswith("{")))
     ok = (bool(info.get("cuda_compiled")) and str(ctx.staged) in probe.output
           and info.get("cuda_architectures") == [f"sm_{ctx.architecture.cmake}"])
     summary = (f"sm {ctx.architecture.cmake}, {ctx.jobs} jobs, configure {configure.seconds:.0f} s + "
@@ -540,6 +543,7 @@ def build_step(ctx: Context, timeout: float) -> StepResult:
 def port_step(ctx: Context, timeout: float) -> StepResult:
     source = ROOT / "tests" / "cuda_port"
     exe = BUILD_DIR / "port_check"
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
     command = [ctx.nvcc, "-std=c++20", "-O2", *ctx.architecture.nvcc_flags,
                "-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc" / "include"), "-I", str(source),
                "-Xcompiler", "-ffp-contract=off,-fno-strict-aliasing,-pthread",
