@@ -217,7 +217,9 @@ def test_a_command_stopped_at_its_budget_is_a_timeout():
 
 
 def test_budgets_fit_in_nine_minutes():
-    assert sum(gpu_check.STEPS.values()) <= gpu_check.TOTAL_BUDGET_S == 540
+    # 10 s of the 540 are left for torch's import, the detection and the report.
+    assert sum(gpu_check.STEPS.values()) + 10 <= gpu_check.TOTAL_BUDGET_S == 540
+    assert gpu_check.REPORT_S <= 5
     assert [s for s in gpu_check.STEPS] == ["build", "port", "cuda-tests", "memcheck", "racecheck",
                                              "cuda-graphs", "benchmarks"]
 
