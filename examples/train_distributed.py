@@ -130,6 +130,11 @@ def main():
                       f"{world_size} ranks")
             plt.savefig(args.plot, dpi=120)
             print(f"loss curve: {args.plot}")
+    # Release the wrapped model (DDP's reducer holds the process group) and let every rank get
+    # here before the group goes: a rank tearing gloo down while its peer still talks to it can
+    # abort at exit ("terminate called without an active exception").
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 
