@@ -129,6 +129,12 @@ def spawn(s: harness.Settings, configs) -> list[dict]:
         return json.loads(Path(result_file).read_text())
 
 
+def fsdp2_runs_on_cpu() -> bool:
+    """FSDP2 records events on the current stream; torch's CPU stream has record_event only from
+    torch 2.7 on (torch 2.6's FSDP2 fails on CPU ranks with an AttributeError)."""
+    return hasattr(torch.cpu.current_stream(), "record_event")
+
+
 def main(argv=None) -> int:
     p = harness.parser(__doc__, shapes_help="comma-separated LAYERSxWIDTH, e.g. 16x1024")
     args = p.parse_args(argv)
@@ -141,6 +147,10 @@ def main(argv=None) -> int:
     elif not dist.is_available() or not dist.is_gloo_available():
         s.available = False
         s.reason = "bench_fsdp: this torch has no torch.distributed with gloo"
+    elif not fsdp2_runs_on_cpu():
+        s.available = False
+        s.reason = (f"bench_fsdp: FSDP2 of torch {torch.__version__} cannot run on CPU ranks "
+                    f"(its CPU stream has no record_event); nothing measured")
     if s.available:
         peaks = harness.load_peaks(s)
         for result in spawn(s, shapes_for(s)):

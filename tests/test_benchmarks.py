@@ -94,8 +94,11 @@ def test_smoke_report_and_plots(smoke_run):
     report = (out / "report.md").read_text()
     assert "## Measured peaks" in report
     header = "| " + " | ".join(harness.TABLE_HEADER) + " |"
-    assert report.count(header) == 6
-    for subject in ("linear", "sweep", "gemm", "adam", "e2e", "fsdp"):
+    # torch 2.6's FSDP2 cannot run on CPU ranks: bench_fsdp then measures nothing and says why.
+    subjects = ("linear", "sweep", "gemm", "adam", "e2e") + (
+        ("fsdp",) if hasattr(torch.cpu.current_stream(), "record_event") else ())
+    assert report.count(header) == len(subjects)
+    for subject in subjects:
         png = out / "plots" / f"{subject}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{subject}.png" in report
@@ -103,7 +106,7 @@ def test_smoke_report_and_plots(smoke_run):
     lines = stdout.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("shape ")
                and "chainrule ms" in line]
-    assert len(headers) == 6
+    assert len(headers) == len(subjects)
     for i in headers:
         assert set(lines[i + 1]) <= {"-", "+"}
         assert lines[i + 2].count("|") == lines[i].count("|") == len(harness.TABLE_HEADER) - 1

@@ -61,8 +61,15 @@ def results(tmp_path_factory):
     return merged
 
 
+FSDP2_SKIP_REASON = (f"FSDP2 of torch {torch.__version__} cannot run on CPU ranks (its CPU stream "
+                     f"has no record_event; torch >= 2.7 has it)")
+
+
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_case(results, name):
+    if name.rsplit("-", 1)[0] in distributed_cases.NEEDS_FSDP2 and \
+            not distributed_cases.fsdp2_runs_on_cpu():
+        pytest.skip(FSDP2_SKIP_REASON)
     assert name in results, f"the job did not run {name}"
     failures = results[name]
     assert not failures, "\n".join(failures)
@@ -70,7 +77,8 @@ def test_case(results, name):
 
 def test_example_under_torchrun(tmp_path):
     """The README's command, a few steps of each wrapper."""
-    for wrapper in ("--ddp", "--fsdp"):
+    wrappers = ("--ddp", "--fsdp") if distributed_cases.fsdp2_runs_on_cpu() else ("--ddp",)
+    for wrapper in wrappers:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node=2", str(EXAMPLE), wrapper, "--steps", "4", "--no-plot"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -79,3 +87,5 @@ def test_example_under_torchrun(tmp_path):
         assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
         assert "final loss" in done.stdout, done.stdout
 
+    if "--fsdp" not in wrappers:
+        pytest.skip(f"--ddp ran; --fsdp not: {FSDP2_SKIP_REASON}")
