@@ -131,7 +131,7 @@ def spawn(s: harness.Settings, configs) -> list[dict]:
 
 def fsdp2_runs_on_cpu() -> bool:
     """FSDP2 records events on the current stream; torch's CPU stream has record_event only from
-    torch 2.7 on (torch 2.6's FSDP2 fails on CPU ranks with an AttributeError)."""
+    a later torch (2.14 has it; torch 2.6's FSDP2 fails on CPU ranks with an AttributeError)."""
     return hasattr(torch.cpu.current_stream(), "record_event")
 
 
