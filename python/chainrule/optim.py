@@ -206,7 +206,15 @@ class Adam(torch.optim.Optimizer):
             # DTensor parameters (FSDP2, tensor parallelism): the kernel steps the local shards.
             def local(tensor, argument, p=p):
                 return distributed.local_tensor(f"chainrule.optim.{name}", p, tensor, argument)
-            call.params.append(local(p, "param"))
+            param = local(p, "param")
+            if not param.is_contiguous() and distributed.is_dtensor(p):
+                # A DTensor shard can be a strided view (torch 2.6 pads Shard(1) chunks): step a
+                # contiguous copy and write it back after the op.
+                stepped = param.contiguous()
+                call.write_backs.append((param, stepped))
+                keep = False
+                param = stepped
+            call.params.append(param)
             call.grads.append(self._dense_gradient(local(grad, "grad"), where))
             call.exp_avgs.append(local(state["exp_avg"], "state['exp_avg']"))
             call.exp_avg_sqs.append(local(state["exp_avg_sq"], "state['exp_avg_sq']"))
@@ -272,6 +280,8 @@ class Adam(torch.optim.Optimizer):
                     decoupled_weight_decay=group["decoupled_weight_decay"],
                     grad_scale=None if grad_scale is None else grad_scale.to(call.device),
                     found_inf=None if found_inf is None else found_inf.to(call.device))
+                for param, stepped in call.write_backs:
+                    param.copy_(stepped)
         if len(plans) > len(self.param_groups):  # param_groups replaced by other dicts
             current = {id(group) for group in self.param_groups}
             for key in [key for key in plans if key not in current]:

@@ -47,7 +47,7 @@ class Call:
     """One chainrule.adam_ call: a (device, master-weights) subset of a param group."""
 
     __slots__ = ("device", "select", "params", "grads", "exp_avgs", "exp_avg_sqs",
-                 "max_exp_avg_sqs", "state_steps", "master_params")
+                 "max_exp_avg_sqs", "state_steps", "master_params", "write_backs")
 
     def __init__(self, device: torch.device, group_size: int) -> None:
         self.device = device
@@ -60,6 +60,9 @@ class Call:
         self.max_exp_avg_sqs: list = []
         self.state_steps: list = []
         self.master_params: list = []
+        # (parameter, contiguous copy stepped in its place): strided parameter shards, written
+        # back after the op; a call that has any is never kept (it is built each step)
+        self.write_backs: list = []
 
     def finish(self) -> None:
         if all(self.select):
