@@ -2,8 +2,6 @@
 // docs/cpu_gemm.md, "Which GEMM runs", for the measurements behind each branch).
 #include "cpu/gemm_path.h"
 
-#include "cpu/gemm/gemm.h"
-
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -71,6 +69,19 @@ const CpuTraits& cpu_traits() {
 
 bool aten_multiplies_low_precision(const CpuTraits& cpu, at::ScalarType dtype) {
   return low_precision(dtype) && (cpu.avx512_bf16 || cpu.amx_bf16);
+}
+
+std::optional<gemm::ElementType> our_gemm_type(at::ScalarType dtype, CpuIsa isa) {
+  std::optional<gemm::ElementType> type;
+  if (dtype == at::kFloat) type = gemm::ElementType::float32;
+  if (dtype == at::kBFloat16) type = gemm::ElementType::bfloat16;
+  if (type && !gemm::supports(isa, *type)) type.reset();
+  return type;
+}
+
+at::ScalarType aten_compute_type(at::ScalarType dtype) {
+  if (!low_precision(dtype)) return dtype;
+  return aten_multiplies_low_precision(cpu_traits(), dtype) ? dtype : at::kFloat;
 }
 
 GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarType dtype,
@@ -141,14 +152,9 @@ bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bo
     return true;
   }
   if (accumulate) return false;
-  if ((dtype == at::kBFloat16 || dtype == at::kHalf) &&
-      !aten_multiplies_low_precision(cpu_traits(), dtype)) {
-    return false;  // chainrule's widened path beats ATen's slow bf16/fp16 GEMM there
-  }
-  std::optional<gemm::ElementType> element;
-  if (dtype == at::kFloat) element = gemm::ElementType::float32;
-  if (dtype == at::kBFloat16) element = gemm::ElementType::bfloat16;
-  const bool ours = element && gemm::supports(active_isa(), *element);
+  // chainrule's widened path beats ATen's slow bf16/fp16 GEMM on CPUs without bf16 instructions.
+  if (aten_compute_type(dtype) != dtype) return false;
+  const bool ours = our_gemm_type(dtype, active_isa()).has_value();
   return gemm_path(dtype, ours, LinearPass::forward, m, n, k) == GemmPath::aten &&
          gemm_path(dtype, ours, LinearPass::backward, m, n, k) == GemmPath::aten;
 }

@@ -16,6 +16,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include "cpu/gemm/gemm.h"
 #include "cpu/isa.h"
 
 namespace chainrule::cpu {
@@ -54,6 +55,14 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // test suite turns it off to test chainrule's own code at every size).
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate);
 void set_small_layers_to_torch(bool enabled);
+
+// The element type our GEMM runs `dtype` in on `isa`, or nullopt where our kernels cannot run it
+// (float64, float16, bf16 without AVX512_BF16, ISA "fallback").
+std::optional<gemm::ElementType> our_gemm_type(at::ScalarType dtype, CpuIsa isa);
+
+// The type ATen's path multiplies `dtype` in: the dtype itself, or float32 for bfloat16/float16
+// on a CPU whose oneDNN has no bf16 instructions to run them on.
+at::ScalarType aten_compute_type(at::ScalarType dtype);
 
 // Whether ATen's path multiplies bfloat16/float16 operands as they are (oneDNN's bf16 kernels on
 // CPUs with bf16 dot products or AMX: fp32 accumulation, one rounding, as F.linear does) rather

@@ -50,16 +50,6 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// The element type our GEMM runs `dtype` in on the active ISA, or nullopt
-// where our kernels cannot run it (ATen's GEMM and scalar passes then).
-std::optional<gemm::ElementType> gemm_type(at::ScalarType dtype, CpuIsa isa) {
-  std::optional<gemm::ElementType> type;
-  if (dtype == at::kFloat) type = gemm::ElementType::float32;
-  if (dtype == at::kBFloat16) type = gemm::ElementType::bfloat16;
-  if (type && !gemm::supports(isa, *type)) type.reset();
-  return type;
-}
-
 // out = act(acc + bias), pre = acc + bias; acc is (M, N) in the accumulation type.
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, scalar_t* pre,
@@ -84,12 +74,6 @@ void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, sca
   });
 }
 
-// The type ATen's path multiplies `dtype` in: the dtype itself, or float32 for bfloat16/float16
-// on a CPU whose oneDNN has no bf16 instructions to run them on.
-at::ScalarType aten_compute_type(at::ScalarType dtype) {
-  if (dtype == at::kDouble || dtype == at::kFloat) return dtype;
-  return aten_multiplies_low_precision(cpu_traits(), dtype) ? dtype : at::kFloat;
-}
 
 // torch's own activation and its backward, as eager F.linear + activation runs them, but on
 // fixed blocks of kElementwiseBlock values: torch's vectorised and scalar code differ in the last
@@ -141,6 +125,19 @@ at::Tensor torch_activation_backward(const at::Tensor& grad, const at::Tensor& z
   return out;
 }
 
+// out[j] = sum over c of partial[c * N + j], chunk by chunk in order: the last step of the
+// fixed-order column sums below.
+template <typename acc_t>
+void sum_chunks(const std::vector<acc_t>& partial, int64_t chunks, int64_t N, acc_t* out) {
+  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * N + j];
+      out[j] = s;
+    }
+  });
+}
+
 // out[j] = sum_i values[i, j] of an (M, N) matrix in acc_t, in a fixed order (chunks of
 // kReduceRows rows, then the chunks in order): the same bits whatever the thread count.
 template <typename scalar_t, typename acc_t>
@@ -157,13 +154,7 @@ void column_sums(const scalar_t* values, acc_t* out, int64_t M, int64_t N) {
       }
     }
   });
-  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += partial[c * N + j];
-      out[j] = s;
-    }
-  });
+  sum_chunks(partial, chunks, N, out);
 }
 
 // dZ = dY * act'(Z) in grad_t (not stored when grad_pre is null), and db = column sums of dZ in
@@ -188,14 +179,7 @@ void backward_prologue(const scalar_t* grad_output, const scalar_t* pre, grad_t*
       }
     }
   });
-  if (!grad_bias) return;
-  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += partial[c * N + j];
-      grad_bias[j] = s;
-    }
-  });
+  if (grad_bias) sum_chunks(partial, chunks, N, grad_bias);
 }
 
 // dst = round(src) or dst = round(dst + src), elementwise over n values.
@@ -327,7 +311,7 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
       activation == Activation::none ? at::Tensor() : as_rows(*pre_activation);
 
   const CpuIsa isa = active_isa();
-  const std::optional<gemm::ElementType> type = gemm_type(dtype, isa);
+  const std::optional<gemm::ElementType> type = our_gemm_type(dtype, isa);
   if (type && M > 0 && N > 0 && K > 0 && (!grad_weight || grad_weight->is_contiguous()) &&
       gemm_path(dtype, true, LinearPass::backward, M, N, K) == GemmPath::ours) {
     at::Tensor weight_c = weight.contiguous();
@@ -411,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
 
   const CpuIsa isa = active_isa();
   const int64_t K = weight.size(1);
-  if (auto type = gemm_type(dtype, isa);
+  if (auto type = our_gemm_type(dtype, isa);
       type && M > 0 && N > 0 && K > 0 &&
       gemm_path(dtype, true, LinearPass::forward, M, N, K) == GemmPath::ours) {
     at::Tensor output = at::empty({M, N}, input.options());

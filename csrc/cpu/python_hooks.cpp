@@ -101,10 +101,7 @@ void add_python_hooks(pybind11::module_& m) {
   m.def("_cpu_gemm_path",
         [](const std::string& dtype, bool backward, int64_t m, int64_t n, int64_t k) {
           const at::ScalarType type = dtype_from_name(dtype);
-          std::optional<gemm::ElementType> element;
-          if (type == at::kFloat) element = gemm::ElementType::float32;
-          if (type == at::kBFloat16) element = gemm::ElementType::bfloat16;
-          const bool ours = element && gemm::supports(active_isa(), *element);
+          const bool ours = our_gemm_type(type, active_isa()).has_value();
           const LinearPass pass = backward ? LinearPass::backward : LinearPass::forward;
           return std::string(gemm_path_name(gemm_path(type, ours, pass, m, n, k)));
         },

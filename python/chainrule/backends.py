@@ -97,9 +97,9 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
     """
     import torch  # noqa: PLC0415
 
+    from .functional import DTYPE_NAMES as names  # noqa: PLC0415
+
     dtype = torch.float32 if dtype is None else dtype
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-             torch.float64: "float64"}
     if dtype not in names:
         raise ValueError(f"chainrule.backends.cpu_gemm_path: dtype must be a floating dtype, "
                          f"got {dtype}")

@@ -204,8 +204,9 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
     return grad
 
 
-_FLOATING = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-             torch.float64: "float64"}
+# The floating dtypes chainrule's ops take, by the names its C++ hooks use.
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64"}
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as DTensor
 _STRIDED = torch.strided
 
@@ -221,7 +222,7 @@ def _runs_as_torch_ops(input, weight, bias, accumulate_grad) -> bool:
         return False
     in_features = weight.shape[1]
     if input.shape[-1] != in_features or input.dtype is not weight.dtype or \
-            input.dtype not in _FLOATING or input.layout is not _STRIDED or \
+            input.dtype not in DTYPE_NAMES or input.layout is not _STRIDED or \
             weight.layout is not _STRIDED:
         return False
     if bias is not None and (type(bias) not in _PLAIN or not bias.is_cpu or bias.ndim != 1 or
@@ -229,7 +230,7 @@ def _runs_as_torch_ops(input, weight, bias, accumulate_grad) -> bool:
                              bias.layout is not _STRIDED):
         return False
     rows = input.numel() // in_features if in_features else 0
-    return _C._cpu_prefers_torch_ops(_FLOATING[input.dtype], rows, weight.shape[0], in_features,
+    return _C._cpu_prefers_torch_ops(DTYPE_NAMES[input.dtype], rows, weight.shape[0], in_features,
                                      accumulate_grad) and _C._host_backend() == "cpu"
 
 
