@@ -103,7 +103,7 @@ def rank_main(rank, init_file, result_file, configs, repeats, warmup, threads):
         del models, local, contenders, model
     if rank == 0:
         Path(result_file).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    harness.end_rank(dist)
 
 
 def spawn(s: harness.Settings, configs) -> list[dict]:
