@@ -92,15 +92,15 @@ GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarT
   if (dtype != at::kFloat) return GemmPath::aten;
   // fp32 on Intel: MKL on its own vendor's CPUs ran ahead of ours at every shape measured (Ice
   // Lake, an AMX Xeon). On CPUs of other vendors MKL takes slower code paths, and ours wins once
-  // the problem is large enough to amortise packing: every GEMM of the call (forward: M x N over
-  // K; backward also N x K over M and M x K over N) needs at least a full micro-tile of rows and a
-  // k loop long enough to pay for the read-modify-write pass over C.
+  // the problem is large enough to amortise packing. Measured shape by shape on a Zen 4 (the
+  // 240-row sweep of benchmarks/bench_sweep.py, docs/cpu_gemm.md): ours lost at M = 33 (0.76-0.95x
+  // eager in the forward, mixed ours/ATen calls 0.85-0.91x) and at 4096 x 64 x 64 (0.78-0.86x),
+  // and held 0.96-1.24x from M = 64 with K, N >= 255. So both passes take one answer, from the
+  // same three sizes: the batch (M, wgrad's k) at least 64 rows, K and N above 64.
   if (cpu.vendor != CpuTraits::Vendor::amd) return GemmPath::aten;
-  constexpr int64_t kMinRows = 32, kMinCols = 64, kMinDepth = 64;
-  if (pass == LinearPass::forward) {
-    return m >= kMinRows && n >= kMinCols && k >= kMinDepth ? GemmPath::ours : GemmPath::aten;
-  }
-  return m >= kMinDepth && n >= kMinCols && k >= kMinCols ? GemmPath::ours : GemmPath::aten;
+  (void)pass;
+  constexpr int64_t kMinRows = 64, kMinFeatures = 65;
+  return m >= kMinRows && n >= kMinFeatures && k >= kMinFeatures ? GemmPath::ours : GemmPath::aten;
 }
 
 GemmPathMode gemm_path_mode() {

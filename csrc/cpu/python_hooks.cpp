@@ -1,7 +1,10 @@
 // Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA and
 // GEMM-path switches that tests use to run every path on one machine, the path a call would take, the vector activations (held against
 // float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
+
+#include "backend.h"
 
 #include "chainrule/activation.h"
 #include "cpu/gemm/gemm.h"
@@ -54,6 +57,41 @@ at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
   p.c = c.mutable_data_ptr(); p.ldc = p.n;
   gemm::run(p, isa);
   return c;
+}
+
+bool is_cpu_strided(const at::Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided;
+}
+
+// chainrule.functional.linear's question before every call: is this a valid CPU layer (plain
+// tensors, not subclasses such as DTensor) that torch's own F.linear + activation runs at least
+// as fast as chainrule's ops (prefers_torch_ops)? Invalid inputs answer false and go on to the
+// op, whose checks name what is wrong. The arguments arrive as Python objects and are read in
+// place: converting three tensors through pybind11 would cost more than the answer.
+bool linear_runs_as_torch_ops(pybind11::handle input, pybind11::handle weight,
+                              pybind11::handle bias, bool accumulate) {
+  if (!THPVariable_CheckExact(input.ptr()) || !THPVariable_CheckExact(weight.ptr())) return false;
+  const at::Tensor& x = THPVariable_Unpack(input.ptr());
+  const at::Tensor& w = THPVariable_Unpack(weight.ptr());
+  if (!is_cpu_strided(x) || !is_cpu_strided(w) || w.dim() != 2 || x.dim() == 0) return false;
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t in_features = w.size(1), out_features = w.size(0);
+  if (x.size(-1) != in_features || w.scalar_type() != dtype) return false;
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf &&
+      dtype != at::kDouble) {
+    return false;
+  }
+  if (!bias.is_none()) {
+    if (!THPVariable_CheckExact(bias.ptr())) return false;
+    const at::Tensor& b = THPVariable_Unpack(bias.ptr());
+    if (!is_cpu_strided(b) || b.dim() != 1 || b.size(0) != out_features ||
+        b.scalar_type() != dtype) {
+      return false;
+    }
+  }
+  const int64_t rows = in_features != 0 ? x.numel() / in_features : 0;
+  return chainrule::host_backend() == chainrule::HostBackend::cpu &&
+         prefers_torch_ops(dtype, rows, out_features, in_features, accumulate);
 }
 
 }  // namespace
@@ -134,6 +172,9 @@ void add_python_hooks(pybind11::module_& m) {
         pybind11::arg("accumulate"),
         "Whether chainrule.functional.linear runs this CPU layer as torch's own F.linear + "
         "activation (csrc/cpu/gemm_path.h)");
+  m.def("_linear_runs_as_torch_ops", &linear_runs_as_torch_ops, pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias").none(true), pybind11::arg("accumulate"),
+        "chainrule.functional.linear's check: a valid CPU layer that runs as torch's own ops");
   m.def("_set_cpu_small_layers_to_torch", &set_small_layers_to_torch,
         "Whether tiny CPU layers run as torch's own ops in auto mode (default True)");
   m.def("_cpu_traits", [] {

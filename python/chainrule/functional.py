@@ -207,31 +207,12 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
 # The floating dtypes chainrule's ops take, by the names its C++ hooks use.
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64"}
-_PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses such as DTensor
-_STRIDED = torch.strided
-
-
-def _runs_as_torch_ops(input, weight, bias, accumulate_grad) -> bool:
-    """Whether this call is a valid CPU layer that torch's own F.linear + activation runs at
-    least as fast as chainrule's ops: a tiny layer, or one that chainrule would give to ATen's
-    GEMM anyway (the rule is csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid inputs go on to
-    the op, whose checks name what is wrong. Written for speed: it runs on every call, and .device
-    would cost more than the rest together."""
-    if type(input) not in _PLAIN or type(weight) not in _PLAIN or not input.is_cpu or \
-            not weight.is_cpu or weight.ndim != 2 or input.ndim == 0:
-        return False
-    in_features = weight.shape[1]
-    if input.shape[-1] != in_features or input.dtype is not weight.dtype or \
-            input.dtype not in DTYPE_NAMES or input.layout is not _STRIDED or \
-            weight.layout is not _STRIDED:
-        return False
-    if bias is not None and (type(bias) not in _PLAIN or not bias.is_cpu or bias.ndim != 1 or
-                             bias.shape[0] != weight.shape[0] or bias.dtype is not weight.dtype or
-                             bias.layout is not _STRIDED):
-        return False
-    rows = input.numel() // in_features if in_features else 0
-    return _C._cpu_prefers_torch_ops(DTYPE_NAMES[input.dtype], rows, weight.shape[0], in_features,
-                                     accumulate_grad) and _C._host_backend() == "cpu"
+# The check before every CPU call, in C++ (csrc/cpu/python_hooks.cpp): a valid CPU layer of plain
+# tensors (not subclasses such as DTensor) that torch's own F.linear + activation runs at least as
+# fast as chainrule's ops: a tiny layer, or one that chainrule would give to ATen's GEMM anyway
+# (csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid inputs go on to the op, whose checks name
+# what is wrong. In Python the same questions cost ~2 µs a call, a third of a tiny layer's time.
+_runs_as_torch_ops = _C._linear_runs_as_torch_ops
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -250,7 +231,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     gradient runs the op without an autograd.Function.
     """
     act = activation_op_name(activation)
-    if isinstance(input, Tensor) and torch._C._is_any_autocast_enabled() and \
+    if torch._C._is_any_autocast_enabled() and isinstance(input, Tensor) and \
             torch.is_autocast_enabled(input.device.type):
         # What autocast does for F.linear: compute in the autocast dtype. The op itself then runs
         # with autocast off, so nothing inside it is cast again.
