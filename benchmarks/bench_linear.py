@@ -32,7 +32,7 @@ import harness  # noqa: E402
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-FLOPS_PER_MNK = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
+FLOPS_PER_MNK = {"fwd": 2, "bwd": 4, "fwd+bwd": 6, "infer": 2}
 TARGETS = ((4096, 1024, 4096), (512, 768, 3072), (64, 1024, 1024))
 GPT2_MLP = ((512, 768, 3072), (512, 3072, 768))
 # The peak-memory table's layer, per mode: (shape, dtypes).
@@ -139,6 +139,11 @@ class Side:
     def contender(self, name: str, pass_name: str) -> harness.Contender:
         if pass_name == "fwd":
             return harness.Contender(name, lambda _: self.forward(self.x))
+        if pass_name == "infer":  # the forward of inference or decoding: no graph, no gradient
+            def infer(_):
+                with torch.no_grad():
+                    return self.forward(self.x)
+            return harness.Contender(name, infer)
         if pass_name == "bwd":
             def prepare():
                 self.reset_grads()

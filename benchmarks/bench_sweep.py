@@ -4,10 +4,11 @@ every (M, K, N) of a grid, to show that no shape is slower than PyTorch.
 
 Grid (full): M in {1, 8, 33, 128, 512, 4096} (decoding, small batches, odd rows, training
 batches) x (K, N) in {64x64, 1024x1024, 768x3072, 4096x1024, 769x255} = 30 shapes, each in
-float32 and bfloat16, activation none and gelu, forward alone and forward+backward: 240 rows.
+float32 and bfloat16, activation none and gelu, forward alone and forward+backward: 240 rows;
+and for M <= 8 the forward under torch.no_grad() ("infer", decoding): 40 rows more.
 --quick (what `make bench` runs): M in {1, 33, 512} x (1024x1024, 769x255), both dtypes, gelu.
 
-Each row names the GEMM chainrule took for that call (`path`: ours or aten, from
+Each row names the GEMM chainrule took for that call (`path`: ours, aten, gemv or torch, from
 chainrule.backends.cpu_gemm_path, forward / backward). Small calls are timed in batches of
 several calls per repeat so the timer's resolution does not matter; the cache is flushed before
 each batch.
@@ -29,6 +30,9 @@ KN = ((64, 64), (1024, 1024), (768, 3072), (4096, 1024), (769, 255))
 QUICK_M = (1, 33, 512)
 QUICK_KN = ((1024, 1024), (769, 255))
 PASSES = ("fwd", "fwd+bwd")
+# Rows of at most this many input rows also time "infer", the forward under torch.no_grad()
+# (decoding): the pass that chainrule's GEMV takes (docs/cpu_gemm.md, "Small batches: the GEMV").
+INFER_MAX_M = 8
 
 
 def grid(s: harness.Settings, shapes) -> list[bench_linear.Config]:
@@ -40,7 +44,8 @@ def grid(s: harness.Settings, shapes) -> list[bench_linear.Config]:
         else:
             shapes = [(m, k, n) for m in ROWS_M for k, n in KN]
     activations = ("gelu",) if s.mode == "quick" else ("none", "gelu")
-    return [bench_linear.Config(m, k, n, dtype, act, PASSES)
+    return [bench_linear.Config(m, k, n, dtype, act,
+                                PASSES + (("infer",) if m <= INFER_MAX_M else ()))
             for (m, k, n) in shapes for dtype in s.dtypes for act in activations]
 
 
@@ -59,6 +64,8 @@ def run_config(cfg: bench_linear.Config, s: harness.Settings, peaks: dict, chain
     paths = "/".join(chainrule.backends.cpu_gemm_path(cfg.m, cfg.k, cfg.n, cfg.dtype,
                                                       backward=backward)
                      for backward in (False, True))
+    infer_path = chainrule.backends.cpu_gemm_path(cfg.m, cfg.k, cfg.n, cfg.dtype,
+                                                  requires_grad=False)
     peak, peak_name = harness.peak_for(peaks, s.device, cfg.dtype, "flops")
     rows = []
     for pass_name in cfg.passes:
@@ -70,18 +77,19 @@ def run_config(cfg: bench_linear.Config, s: harness.Settings, peaks: dict, chain
         cpu_times: dict = {}
         times = harness.measure(contenders, repeats=s.repeats, warmup=max(s.warmup, 1),
                                 device=s.device, flush=flush, cpu_times=cpu_times)
+        label_path = {"fwd": paths.split("/")[0], "infer": infer_path}.get(pass_name, paths)
         per_call = {name: [t / calls for t in ts] for name, ts in times.items()}
         per_call_cpu = {name: [t / calls for t in ts] for name, ts in cpu_times.items()}
         rows.append(harness.make_row(
             subject="sweep",
             label=f"{cfg.shape} {harness.dtype_name(cfg.dtype)} {cfg.activation} {pass_name} "
-                  f"[{paths if pass_name != 'fwd' else paths.split('/')[0]}]",
+                  f"[{label_path}]",
             size=float(cfg.m * cfg.n * cfg.k), times=per_call, check=check, work=flops,
             unit=harness.flops_unit(s.device), peak=peak, peak_name=peak_name,
             cpu_times=per_call_cpu, threads=s.threads,
             config={"m": cfg.m, "k": cfg.k, "n": cfg.n, "dtype": harness.dtype_name(cfg.dtype),
                     "activation": cfg.activation, "pass": pass_name, "device": str(s.device),
-                    "calls_per_repeat": calls, "path": paths},
+                    "calls_per_repeat": calls, "path": label_path},
             extra={"series": f"{harness.dtype_name(cfg.dtype)} {cfg.activation} {pass_name}"}))
     return rows
 

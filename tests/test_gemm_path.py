@@ -15,6 +15,7 @@ import torch
 
 import chainrule
 from chainrule.functional import linear
+from op_record import RecordOps
 
 C = chainrule._C
 
@@ -151,27 +152,16 @@ def test_layers_run_as_torch_ops_in_auto_mode(activation):
     """A CPU layer of at most 2^21 multiply-adds, or one that takes ATen's GEMM in both passes
     without accumulate_grad, is F.linear + the activation (no chainrule op runs); otherwise, and
     in a forced mode, chainrule's ops run. Values match either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     def run(m, k, n, accumulate_grad=False):
         x = torch.randn(m, k, requires_grad=True)
         w = torch.randn(n, k, requires_grad=True)
         w.grad = torch.zeros_like(w)
-        with Record() as record:
+        with RecordOps() as record:
             y = linear(x, w, None, activation, accumulate_grad=accumulate_grad)
             y.sum().backward()
         ref = F_linear_act(x.detach(), w.detach(), activation)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        return [op for op in record.ops if op.startswith("chainrule.")]
+        return record.chainrule_ops()
 
     prefers = C._cpu_prefers_torch_ops
     assert not prefers("float32", 1, 1, 1, False)  # the suite runs with it off (conftest)

@@ -141,10 +141,27 @@ bool small_layers_to_torch() {
   return value != 0;
 }
 
-bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate) {
+bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,
+                 int64_t k) {
+  if (!gemm::gemv_supports(isa) || m < 1 || m > gemm::kGemvMaxRows || k < 1 ||
+      static_cast<double>(n) * static_cast<double>(k) < static_cast<double>(kGemvMinWeights)) {
+    return false;
+  }
+  if (dtype == at::kBFloat16) return true;
+  return dtype == at::kFloat && cpu.vendor == CpuTraits::Vendor::amd;
+}
+
+bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
+  if (gemm_path_mode() == GemmPathMode::aten) return false;
+  return choose_gemv(cpu_traits(), active_isa(), dtype, m, n, k);
+}
+
+bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
+                       bool needs_grad) {
   if (!small_layers_to_torch() || gemm_path_mode() != GemmPathMode::automatic) {
     return false;
   }
+  if (!needs_grad && uses_gemv(dtype, m, n, k)) return false;
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two
   // cores, about what chainrule's Python layers and op dispatch cost (bench_sweep.py).
   constexpr double kMaxMultiplyAdds = double(1 << 21);

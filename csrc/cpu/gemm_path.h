@@ -53,7 +53,21 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // runs the very ops eager PyTorch runs and would only add that fixed cost. Only in auto mode, and
 // only while set_small_layers_to_torch(true) (the default, unless CHAINRULE_CPU_TORCH_OPS=0; the
 // test suite turns it off to test chainrule's own code at every size).
-bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate);
+// A forward that takes our GEMV (uses_gemv) and needs no gradient is the exception: decoding runs
+// faster on chainrule's op than on torch's.
+bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
+                       bool needs_grad = true);
+
+// Whether a forward of m <= gemm::kGemvMaxRows rows runs on our GEMV (gemm::gemv: the weight
+// streamed once, no packing) instead of the GEMM the rule picks: float32 on AMD (MKL's small-m
+// products take slower code paths there) and bfloat16 on every CPU (oneDNN's and the widened
+// path's small-m bf16 products ran at a fraction of the memory bandwidth), once the weight holds
+// at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in auto and ours mode.
+// choose_gemv is the rule, uses_gemv this process's answer.
+constexpr int64_t kGemvMinWeights = int64_t(1) << 16;
+bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,
+                 int64_t k);
+bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k);
 void set_small_layers_to_torch(bool enabled);
 
 // The element type our GEMM runs `dtype` in on `isa`, or nullopt where our kernels cannot run it

@@ -376,6 +376,28 @@ at::Tensor backward_into(const at::Tensor& grad_output, const at::Tensor& input,
   return grad_input_rows.to(dtype).reshape(input.sizes());
 }
 
+// output = act(acc + b), pre = acc + b, from (M, N) sums in the accumulation type: one rounding
+// to the storage type, bias and activation in one pass (activation.h's scalar functions).
+std::tuple<at::Tensor, at::Tensor> forward_from_accumulators(
+    const at::Tensor& acc, const std::optional<at::Tensor>& bias, Activation act, bool keep_pre,
+    const at::TensorOptions& options, const std::vector<int64_t>& out_sizes) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const at::ScalarType dtype = options.dtype().toScalarType();
+  at::Tensor output = at::empty({M, N}, options);
+  const at::Tensor no_pre = at::empty({0}, options);
+  at::Tensor pre = keep_pre ? at::empty({M, N}, options) : no_pre;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    dispatch_activation(act, [&](auto a) {
+      forward_epilogue<decltype(a)::value, scalar_t, acc_t>(
+          acc.const_data_ptr<acc_t>(), bias ? bias->contiguous().const_data_ptr<scalar_t>() : nullptr,
+          output.mutable_data_ptr<scalar_t>(),
+          keep_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, M, N);
+    });
+  });
+  return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : pre};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const at::Tensor& weight,
@@ -395,6 +417,14 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
 
   const CpuIsa isa = active_isa();
   const int64_t K = weight.size(1);
+  if (M > 0 && N > 0 && K > 0 && uses_gemv(dtype, M, N, K)) {
+    // Decoding-sized: the weight streamed once (gemm::gemv), then the one-pass epilogue.
+    at::Tensor acc = at::empty({M, N}, input.options().dtype(at::kFloat));
+    gemm::gemv(dtype == at::kFloat ? gemm::ElementType::float32 : gemm::ElementType::bfloat16,
+               isa, input_rows.const_data_ptr(), M, K, weight.contiguous().const_data_ptr(), N,
+               acc.mutable_data_ptr<float>());
+    return forward_from_accumulators(acc, bias, act, keep_pre, input.options(), out_sizes);
+  }
   if (auto type = our_gemm_type(dtype, isa);
       type && M > 0 && N > 0 && K > 0 &&
       gemm_path(dtype, true, LinearPass::forward, M, N, K) == GemmPath::ours) {
@@ -416,20 +446,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
   }
 
   // Widened to float32: one rounding at the end, bias and activation in one pass.
-  at::Tensor output = at::empty({M, N}, input.options());
-  at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : no_pre;
-  at::Tensor acc = at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chainrule.linear_forward", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    dispatch_activation(act, [&](auto a) {
-      forward_epilogue<decltype(a)::value, scalar_t, acc_t>(
-          acc.const_data_ptr<acc_t>(), bias ? bias->contiguous().const_data_ptr<scalar_t>() : nullptr,
-          output.mutable_data_ptr<scalar_t>(),
-          keep_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, M, N);
-    });
-  });
-  return {output.view(out_sizes), keep_pre ? pre.view(out_sizes) : pre};
+  return forward_from_accumulators(at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t()),
+                                   bias, act, keep_pre, input.options(), out_sizes);
 }
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,

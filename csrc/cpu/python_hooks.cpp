@@ -1,6 +1,7 @@
 // Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA and
 // GEMM-path switches that tests use to run every path on one machine, the path a call would take, the vector activations (held against
 // float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -59,6 +60,28 @@ at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
+// acc = X · Wᵀ in float32 for float32 / bfloat16 X (m x k, m <= 4) and W (n x k), on our GEMV
+// with the active ISA: the kernel alone, for tests on any CPU (the rule decides where it runs).
+at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) > 0 &&
+                  x.size(0) >= 1 && x.size(0) <= gemm::kGemvMaxRows && w.size(0) > 0,
+              "chainrule._C._cpu_gemv: expected (m, k) and (n, k) matrices with 1 <= m <= ",
+              gemm::kGemvMaxRows, " and k, n > 0, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "chainrule._C._cpu_gemv: expected two float32 or bfloat16 CPU tensors of one dtype");
+  const CpuIsa isa = active_isa();
+  TORCH_CHECK(gemm::gemv_supports(isa), "chainrule._C._cpu_gemv: no GEMV for CPU ISA ",
+              isa_name(isa));
+  at::Tensor x_c = x.contiguous(), w_c = w.contiguous();
+  at::Tensor acc = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
+  gemm::gemv(x.scalar_type() == at::kFloat ? gemm::ElementType::float32
+                                           : gemm::ElementType::bfloat16,
+             isa, x_c.const_data_ptr(), x.size(0), x.size(1), w_c.const_data_ptr(), w.size(0),
+             acc.mutable_data_ptr<float>());
+  return acc;
+}
+
 bool is_cpu_strided(const at::Tensor& t) {
   return t.device().is_cpu() && t.layout() == at::kStrided;
 }
@@ -90,8 +113,12 @@ bool linear_runs_as_torch_ops(pybind11::handle input, pybind11::handle weight,
     }
   }
   const int64_t rows = in_features != 0 ? x.numel() / in_features : 0;
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || w.requires_grad() ||
+       (!bias.is_none() && THPVariable_Unpack(bias.ptr()).requires_grad()));
   return chainrule::host_backend() == chainrule::HostBackend::cpu &&
-         prefers_torch_ops(dtype, rows, out_features, in_features, accumulate);
+         prefers_torch_ops(dtype, rows, out_features, in_features, accumulate, needs_grad);
 }
 
 }  // namespace
@@ -141,11 +168,12 @@ void add_python_hooks(pybind11::module_& m) {
           const at::ScalarType type = dtype_from_name(dtype);
           const bool ours = our_gemm_type(type, active_isa()).has_value();
           const LinearPass pass = backward ? LinearPass::backward : LinearPass::forward;
+          if (!backward && uses_gemv(type, m, n, k)) return std::string("gemv");
           return std::string(gemm_path_name(gemm_path(type, ours, pass, m, n, k)));
         },
         pybind11::arg("dtype"), pybind11::arg("backward"), pybind11::arg("m"),
         pybind11::arg("n"), pybind11::arg("k"),
-        "'ours' or 'aten': the GEMM a CPU linear call with m rows, n = out_features and "
+        "'ours', 'aten' or 'gemv' (forward): the GEMM a CPU linear call with m rows, n = out_features and "
         "k = in_features takes now");
   m.def("_choose_cpu_gemm_path",
         [](const std::string& vendor, bool avx512_bf16, bool amx_bf16, bool ours_available,
@@ -164,12 +192,23 @@ void add_python_hooks(pybind11::module_& m) {
         },
         "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
         "bf16/fp16 as they are)");
+  m.def("_cpu_gemv", &gemv_for_python, "X · Wᵀ (float32 sums) on our GEMV, active ISA");
+  m.def("_choose_cpu_gemv",
+        [](const std::string& vendor, const std::string& isa, const std::string& dtype,
+           int64_t m, int64_t n, int64_t k) {
+          CpuTraits cpu;
+          cpu.vendor = vendor == "intel" ? CpuTraits::Vendor::intel
+                       : vendor == "amd" ? CpuTraits::Vendor::amd : CpuTraits::Vendor::other;
+          return choose_gemv(cpu, isa_from_name(isa), dtype_from_name(dtype), m, n, k);
+        },
+        "The GEMV rule for a described CPU and ISA: whether a forward of m rows takes it");
   m.def("_cpu_prefers_torch_ops",
-        [](const std::string& dtype, int64_t m, int64_t n, int64_t k, bool accumulate) {
-          return prefers_torch_ops(dtype_from_name(dtype), m, n, k, accumulate);
+        [](const std::string& dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
+           bool needs_grad) {
+          return prefers_torch_ops(dtype_from_name(dtype), m, n, k, accumulate, needs_grad);
         },
         pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("k"),
-        pybind11::arg("accumulate"),
+        pybind11::arg("accumulate"), pybind11::arg("needs_grad") = true,
         "Whether chainrule.functional.linear runs this CPU layer as torch's own F.linear + "
         "activation (csrc/cpu/gemm_path.h)");
   m.def("_linear_runs_as_torch_ops", &linear_runs_as_torch_ops, pybind11::arg("input"),

@@ -83,14 +83,17 @@ GEMM_MODES = ("auto", "ours", "aten")
 
 
 def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
-                  accumulate_grad: bool = False) -> str:
-    """'ours', 'aten' or 'torch': how a CPU linear call with an (m, k) input and an (n, k)
-    weight runs now (forward, or backward when `backward`).
+                  accumulate_grad: bool = False, requires_grad: bool = True) -> str:
+    """'ours', 'aten', 'gemv' or 'torch': how a CPU linear call with an (m, k) input and an
+    (n, k) weight runs now (forward, or backward when `backward`); `requires_grad=False` asks
+    about a forward that needs no gradient (inference, decoding).
 
     chainrule's own GEMM fuses the epilogues into the kernel; ATen's (MKL / oneDNN) is followed by
-    chainrule's one-pass epilogues; 'torch' is a layer that chainrule.functional.linear runs as
-    torch's own F.linear + activation, because it is tiny (at most 2^21 multiply-adds) or would
-    take ATen's GEMM both ways without accumulate_grad anyway. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
+    chainrule's one-pass epilogues; 'gemv' is the forward of at most 4 rows on chainrule's GEMV
+    (the weight streamed once, then the one-pass epilogue); 'torch' is a layer that
+    chainrule.functional.linear runs as torch's own F.linear + activation, because it is tiny (at
+    most 2^21 multiply-adds) or would take ATen's GEMM both ways without accumulate_grad anyway,
+    except a forward without gradient that the GEMV runs. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
     only on the CPU, the dtype and the shape, so a call always takes the same path. The
     environment variable CHAINRULE_CPU_GEMM=auto|ours|aten (read once) overrides it; `ours` still
     uses ATen where chainrule has no kernel for the dtype on this CPU.
@@ -103,7 +106,8 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
     if dtype not in names:
         raise ValueError(f"chainrule.backends.cpu_gemm_path: dtype must be a floating dtype, "
                          f"got {dtype}")
-    if _C._cpu_prefers_torch_ops(names[dtype], m, n, k, accumulate_grad):
+    if _C._cpu_prefers_torch_ops(names[dtype], m, n, k, accumulate_grad,
+                                 requires_grad or backward):
         return "torch"
     return _C._cpu_gemm_path(names[dtype], backward, m, n, k)
 

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -132,6 +134,36 @@ void run(const Problem& p, CpuIsa isa) {
                    static_cast<float*>(partial.get()), nc};
       ks->run_block(p, bl, m0, m1, n0, n1, /*owns_row_sums=*/col_part == 0, ws);
     }
+  });
+}
+
+bool gemv_supports(CpuIsa isa) { return isa == CpuIsa::avx512 || isa == CpuIsa::avx2; }
+
+void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
+          int64_t n, float* acc) {
+  TORCH_INTERNAL_ASSERT(gemv_supports(isa) && m >= 1 && m <= kGemvMaxRows && k > 0 && n > 0);
+  const GemvFn fn = isa == CpuIsa::avx512 ? avx512_gemv(type) : avx2_gemv(type);
+  // The input rows in float32 (bf16 widened exactly): m x k, a few KiB.
+  std::vector<float> x_f32;
+  const float* xf = static_cast<const float*>(x);
+  if (type == ElementType::bfloat16) {
+    x_f32.resize(static_cast<size_t>(m * k));
+    const uint16_t* bits = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < m * k; ++i) {
+      const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+      std::memcpy(&x_f32[static_cast<size_t>(i)], &widened, sizeof(float));
+    }
+    xf = x_f32.data();
+  }
+  // Tasks of kTaskRows weight rows; a thread takes at least kMinBytesPerThread of the weight, so
+  // a layer whose weight is smaller than that stays on one thread (waking a second costs more).
+  constexpr int64_t kTaskRows = 16;
+  constexpr int64_t kMinBytesPerThread = 256 << 10;
+  const int64_t row_bytes = k * (type == ElementType::float32 ? 4 : 2);
+  const int64_t tasks = (n + kTaskRows - 1) / kTaskRows;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (row_bytes * kTaskRows));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    fn(xf, static_cast<int>(m), k, w, begin * kTaskRows, std::min(n, end * kTaskRows), acc, n);
   });
 }
 

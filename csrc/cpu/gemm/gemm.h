@@ -62,4 +62,15 @@ void activation_map(CpuIsa isa, Activation activation, bool derivative, const fl
 // Runs `problem` on at::get_num_threads() threads. Requires supports(isa, problem.type).
 void run(const Problem& problem, CpuIsa isa);
 
+// The decoding-sized forward product, for at most kGemvMaxRows input rows:
+//   acc (m x n, float32, row-major) = X · Wᵀ,  X (m x k) and W (n x k) row-major in `type`.
+// Every weight row is read once, straight from memory, with no packing (packing W, as run() does,
+// is never paid back by so few rows); the sums are float32 in a fixed order per output, so the
+// bits do not depend on the thread count. Needs avx512 or avx2 (bf16 is widened exactly; no
+// AVX512_BF16 needed).
+constexpr int64_t kGemvMaxRows = 4;
+bool gemv_supports(CpuIsa isa);
+void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
+          int64_t n, float* acc);
+
 }  // namespace chainrule::cpu::gemm

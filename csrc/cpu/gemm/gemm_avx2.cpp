@@ -98,7 +98,33 @@ void run_f32(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int64
   run_block<KernelF32>(p, bl, m0, m1, n0, n1, owns, ws);
 }
 
+// gemv (gemv_kernel.h): 2 weight rows x up to 4 input rows = 8 ymm accumulators, 4 input
+// vectors and the weight vector, 13 of the 16 ymm registers.
+struct GemvIo {
+  using V = VecF256;
+  static constexpr int kRows = 2;
+  static __m256 load_f32(const float* p, int n) { return KernelF32::load_f32(p, n); }
+  static __m256 load_bf16(const uint16_t* p, int n) {
+    __m128i bits;
+    if (n >= 8) {
+      bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint16_t tail[8] = {};
+      std::memcpy(tail, p, sizeof(uint16_t) * static_cast<size_t>(std::max(n, 0)));
+      bits = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  static float reduce_add(__m256 v) { return KernelF32::reduce_add(v); }
+};
+
+#include "cpu/gemm/gemv_kernel.h"  // gemv_f32, gemv_bf16 on GemvIo
+
 }  // namespace avx2
+
+GemvFn avx2_gemv(ElementType type) {
+  return type == ElementType::float32 ? &avx2::gemv_f32 : &avx2::gemv_bf16;
+}
 
 void avx2_activation_map(Activation activation, bool derivative, const float* in, float* out,
                           int64_t n) {

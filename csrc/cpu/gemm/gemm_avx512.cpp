@@ -218,7 +218,27 @@ void run_bf16(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int6
   run_block<KernelBF16>(p, bl, m0, m1, n0, n1, owns, ws);
 }
 
+// gemv (gemv_kernel.h): 4 weight rows x up to 4 input rows = 16 zmm accumulators, 4 input
+// vectors and the weight vector. bf16 weights are widened exactly (bits << 16), so this needs
+// AVX-512F/BW/VL only, not AVX512_BF16.
+struct GemvIo {
+  using V = VecF512;
+  static constexpr int kRows = 4;
+  static __m512 load_f32(const float* p, int n) { return CommonF32Io::load_f32(p, n); }
+  static __m512 load_bf16(const uint16_t* p, int n) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(lanes(n), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  static float reduce_add(__m512 v) { return CommonF32Io::reduce_add(v); }
+};
+
+#include "cpu/gemm/gemv_kernel.h"  // gemv_f32, gemv_bf16 on GemvIo
+
 }  // namespace avx512
+
+GemvFn avx512_gemv(ElementType type) {
+  return type == ElementType::float32 ? &avx512::gemv_f32 : &avx512::gemv_bf16;
+}
 
 void avx512_activation_map(Activation activation, bool derivative, const float* in, float* out,
                             int64_t n) {

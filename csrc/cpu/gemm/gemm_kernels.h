@@ -40,6 +40,13 @@ struct KernelSet {
 const KernelSet* avx512_kernels(ElementType type);
 const KernelSet* avx2_kernels(ElementType type);
 
+// gemv's per-ISA part (gemv_kernel.h): acc(i, j) for the weight rows [j0, j1), m <= 4 rows of
+// float32 input x; w holds float or bf16 bits by the function's element type.
+using GemvFn = void (*)(const float* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
+                        float* acc, int64_t ldacc);
+GemvFn avx512_gemv(ElementType type);
+GemvFn avx2_gemv(ElementType type);
+
 // out[i] = act(in[i]) or act'(in[i]) with the ISA's vector activations (tests compare them with
 // the scalar functions of chainrule/activation.h).
 void avx512_activation_map(Activation activation, bool derivative, const float* in, float* out,

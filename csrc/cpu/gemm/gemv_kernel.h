@@ -1,0 +1,78 @@
+// The decoding-sized product of gemm::gemv (gemm.h), written once for every ISA: each
+// translation unit that includes it (gemm_avx512.cpp, gemm_avx2.cpp) does so inside its own ISA
+// namespace, after defining `GemvIo`, and gets gemv_f32 / gemv_bf16 (gemm_kernels.h's GemvFn) on
+// it. GemvIo has:
+//   Io::V                     the float vector type (VecF512, VecF256)
+//   Io::kRows                 weight rows per block (accumulators: kRows x the input rows)
+//   Io::load_f32(p, n)        n <= V::width floats, the lanes past n zero
+//   Io::load_bf16(p, n)       n <= V::width bf16 values widened to float (exactly), the rest zero
+//   Io::reduce_add(v)         the sum of v's lanes, in a fixed order
+// acc(i, j) = Σ_p x(i, p) · w(j, p) for the m <= 4 input rows x (float32, m x k, row-major) and
+// the weight rows j in [j0, j1) of w (n x k, row-major, float or bf16 bits): every weight row is
+// read once, straight from memory, with no packing; each output is one fixed-order sum, so the
+// bits do not depend on how the rows are split among threads.
+#pragma once
+
+template <class Io>
+inline typename Io::V::reg gemv_load(const float* p, int n) { return Io::load_f32(p, n); }
+template <class Io>
+inline typename Io::V::reg gemv_load(const uint16_t* p, int n) { return Io::load_bf16(p, n); }
+
+template <class Io, int M, int R, typename T>
+inline void gemv_block(const float* x, int64_t k, const T* w, float* acc, int64_t ldacc) {
+  using V = typename Io::V;
+  using reg = typename V::reg;
+  constexpr int W = V::width;
+  reg a[R][M];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int i = 0; i < M; ++i) a[r][i] = V::set1(0.0f);
+  }
+  for (int64_t p = 0; p < k; p += W) {
+    const int lanes = static_cast<int>(std::min<int64_t>(W, k - p));
+    reg xv[M];
+#pragma GCC unroll 4
+    for (int i = 0; i < M; ++i) xv[i] = Io::load_f32(x + i * k + p, lanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const reg wv = gemv_load<Io>(w + r * k + p, lanes);
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i) a[r][i] = V::fma(wv, xv[i], a[r][i]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int i = 0; i < M; ++i) acc[i * ldacc + r] = Io::reduce_add(a[r][i]);
+  }
+}
+
+template <class Io, int M, typename T>
+inline void gemv_rows_m(const float* x, int64_t k, const T* w, int64_t j0, int64_t j1,
+                        float* acc, int64_t ldacc) {
+  constexpr int R = Io::kRows;
+  int64_t j = j0;
+  for (; j + R <= j1; j += R) gemv_block<Io, M, R>(x, k, w + j * k, acc + j, ldacc);
+  for (; j < j1; ++j) gemv_block<Io, M, 1>(x, k, w + j * k, acc + j, ldacc);
+}
+
+template <class Io, typename T>
+void gemv_rows(const float* x, int m, int64_t k, const T* w, int64_t j0, int64_t j1, float* acc,
+               int64_t ldacc) {
+  switch (m) {
+    case 1: gemv_rows_m<Io, 1>(x, k, w, j0, j1, acc, ldacc); break;
+    case 2: gemv_rows_m<Io, 2>(x, k, w, j0, j1, acc, ldacc); break;
+    case 3: gemv_rows_m<Io, 3>(x, k, w, j0, j1, acc, ldacc); break;
+    default: gemv_rows_m<Io, 4>(x, k, w, j0, j1, acc, ldacc); break;
+  }
+}
+
+void gemv_f32(const float* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
+              float* acc, int64_t ldacc) {
+  gemv_rows<GemvIo>(x, m, k, static_cast<const float*>(w), j0, j1, acc, ldacc);
+}
+void gemv_bf16(const float* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
+               float* acc, int64_t ldacc) {
+  gemv_rows<GemvIo>(x, m, k, static_cast<const uint16_t*>(w), j0, j1, acc, ldacc);
+}
