@@ -27,7 +27,7 @@ BUILD_DIR ?=
 GPU_CHECK_DIR ?= gpu-check-report
 SANITIZE_DIR ?= build/sanitize
 SANITIZE_TESTS ?= test_errors.py test_zero_size.py test_nonfinite.py test_adam.py test_cpu_isa.py \
-	test_concurrency.py test_determinism.py test_opcheck.py
+	test_concurrency.py test_determinism.py test_opcheck.py test_gemv.py test_gemm_path.py
 # Python is not instrumented: libasan must be loaded first (LD_PRELOAD), and libstdc++ with it so
 # that ASan finds the real __cxa_throw (torch's checks throw). Leak detection is off because the
 # interpreter's and torch's allocations still live at exit would be reported; halt on the first
