@@ -85,7 +85,8 @@ at::ScalarType aten_compute_type(at::ScalarType dtype) {
 }
 
 GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarType dtype,
-                          LinearPass pass, int64_t m, int64_t n, int64_t k) {
+                          LinearPass /*pass: both take one answer, below*/, int64_t m, int64_t n,
+                          int64_t k) {
   if (!ours_available) return GemmPath::aten;
   // bf16: oneDNN's bf16 GEMM (vdpbf16ps, AMX tiles where present) ran ahead of ours on every CPU
   // measured (Zen 4, Zen 5, an AMX Xeon); ours stays available with CHAINRULE_CPU_GEMM=ours.
@@ -98,7 +99,6 @@ GemmPath choose_gemm_path(const CpuTraits& cpu, bool ours_available, at::ScalarT
   // and with this rule every row on ours ran 1.01-1.57x. Both passes take one answer, from the
   // same three sizes: the batch (M, wgrad's k) at least 64 rows, K and N above 64.
   if (cpu.vendor != CpuTraits::Vendor::amd) return GemmPath::aten;
-  (void)pass;
   constexpr int64_t kMinRows = 64, kMinFeatures = 65;
   return m >= kMinRows && n >= kMinFeatures && k >= kMinFeatures ? GemmPath::ours : GemmPath::aten;
 }

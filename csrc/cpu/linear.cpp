@@ -417,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
 
   const CpuIsa isa = active_isa();
   const int64_t K = weight.size(1);
-  if (M > 0 && N > 0 && K > 0 && uses_gemv(dtype, M, N, K)) {
+  const bool nonempty = M > 0 && N > 0 && K > 0;
+  if (nonempty && uses_gemv(dtype, M, N, K)) {
     // Decoding-sized: the weight streamed once (gemm::gemv), then the one-pass epilogue.
     at::Tensor acc = at::empty({M, N}, input.options().dtype(at::kFloat));
     gemm::gemv(dtype == at::kFloat ? gemm::ElementType::float32 : gemm::ElementType::bfloat16,
@@ -426,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
     return forward_from_accumulators(acc, bias, act, keep_pre, input.options(), out_sizes);
   }
   if (auto type = our_gemm_type(dtype, isa);
-      type && M > 0 && N > 0 && K > 0 &&
+      type && nonempty &&
       gemm_path(dtype, true, LinearPass::forward, M, N, K) == GemmPath::ours) {
     at::Tensor output = at::empty({M, N}, input.options());
     at::Tensor pre = keep_pre ? at::empty({M, N}, input.options()) : no_pre;
@@ -449,7 +450,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
   return forward_from_accumulators(at::mm(input_rows.to(acc_dtype), weight.to(acc_dtype).t()),
                                    bias, act, keep_pre, input.options(), out_sizes);
 }
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,

@@ -82,6 +82,11 @@ at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
   return acc;
 }
 
+CpuTraits::Vendor vendor_from_name(const std::string& name) {
+  return name == "intel" ? CpuTraits::Vendor::intel
+         : name == "amd" ? CpuTraits::Vendor::amd : CpuTraits::Vendor::other;
+}
+
 bool is_cpu_strided(const at::Tensor& t) {
   return t.device().is_cpu() && t.layout() == at::kStrided;
 }
@@ -104,19 +109,18 @@ bool linear_runs_as_torch_ops(pybind11::handle input, pybind11::handle weight,
       dtype != at::kDouble) {
     return false;
   }
+  const at::Tensor* b = nullptr;
   if (!bias.is_none()) {
     if (!THPVariable_CheckExact(bias.ptr())) return false;
-    const at::Tensor& b = THPVariable_Unpack(bias.ptr());
-    if (!is_cpu_strided(b) || b.dim() != 1 || b.size(0) != out_features ||
-        b.scalar_type() != dtype) {
+    b = &THPVariable_Unpack(bias.ptr());
+    if (!is_cpu_strided(*b) || b->dim() != 1 || b->size(0) != out_features ||
+        b->scalar_type() != dtype) {
       return false;
     }
   }
   const int64_t rows = in_features != 0 ? x.numel() / in_features : 0;
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      (x.requires_grad() || w.requires_grad() ||
-       (!bias.is_none() && THPVariable_Unpack(bias.ptr()).requires_grad()));
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || w.requires_grad() || (b && b->requires_grad()));
   return chainrule::host_backend() == chainrule::HostBackend::cpu &&
          prefers_torch_ops(dtype, rows, out_features, in_features, accumulate, needs_grad);
 }
@@ -179,8 +183,7 @@ void add_python_hooks(pybind11::module_& m) {
         [](const std::string& vendor, bool avx512_bf16, bool amx_bf16, bool ours_available,
            const std::string& dtype, bool backward, int64_t m, int64_t n, int64_t k) {
           CpuTraits cpu;
-          cpu.vendor = vendor == "intel" ? CpuTraits::Vendor::intel
-                       : vendor == "amd" ? CpuTraits::Vendor::amd : CpuTraits::Vendor::other;
+          cpu.vendor = vendor_from_name(vendor);
           cpu.avx512_bf16 = avx512_bf16;
           cpu.amx_bf16 = amx_bf16;
           const at::ScalarType type = dtype_from_name(dtype);
@@ -197,8 +200,7 @@ void add_python_hooks(pybind11::module_& m) {
         [](const std::string& vendor, const std::string& isa, const std::string& dtype,
            int64_t m, int64_t n, int64_t k) {
           CpuTraits cpu;
-          cpu.vendor = vendor == "intel" ? CpuTraits::Vendor::intel
-                       : vendor == "amd" ? CpuTraits::Vendor::amd : CpuTraits::Vendor::other;
+          cpu.vendor = vendor_from_name(vendor);
           return choose_gemv(cpu, isa_from_name(isa), dtype_from_name(dtype), m, n, k);
         },
         "The GEMV rule for a described CPU and ISA: whether a forward of m rows takes it");
