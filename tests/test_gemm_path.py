@@ -187,18 +187,19 @@ def test_layers_run_as_torch_ops_in_auto_mode(activation):
     assert run(8, 64, 64) != []
 
 
-def F_linear_act(x, w, activation):
+def F_linear_act(x, w, activation, b=None):
     import torch.nn.functional as F
-    z = F.linear(x, w)
+    z = F.linear(x, w, b)
     return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](z)
 
 
 def test_torch_ops_check_answers_false_for_what_the_op_must_see():
-    """functional.linear's check before each CPU call (C++, csrc/cpu/python_hooks.cpp): true only
-    for a valid layer of plain CPU tensors that prefers_torch_ops gives to torch; anything else
-    goes on to the op, whose checks name what is wrong (tests/test_errors.py)."""
-    check = C._linear_runs_as_torch_ops
+    """functional.linear's first step on each CPU call (C++, csrc/cpu/python_hooks.cpp): a result
+    only for a valid layer of plain CPU tensors that prefers_torch_ops gives to torch; anything
+    else goes on to the op, whose checks name what is wrong (tests/test_errors.py)."""
+    def check(x, w, b, accumulate, activation=None):
+        return C._linear_as_torch_ops(x, w, b, activation, accumulate) is not None
 
     class Sub(torch.Tensor):
         pass
@@ -233,6 +234,18 @@ def test_torch_ops_check_answers_false_for_what_the_op_must_see():
         }
         for what, (xi, wi, bi) in bad.items():
             assert not check(xi, wi, bi, False), what
+        # names functional.linear does not take go on to raise its ValueError there
+        for activation in ("none", "GELU", "tanh", 1, b"gelu", "gelu\0"):
+            assert not check(x, w, b, False, activation), activation
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear's autocast is Python's
+            assert not check(x, w, b, False)
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Mode():  # a TorchFunctionMode must see F.linear
+            assert not check(x, w, b, False)
         assert check(x, w, b, True)  # 16k multiply-adds: tiny, accumulate or not
         if chainrule.backends.emulator_available():
             with chainrule.backends.emulated_cuda():
@@ -243,3 +256,24 @@ def test_torch_ops_check_answers_false_for_what_the_op_must_see():
         C._set_cpu_gemm(None)
         C._set_cpu_small_layers_to_torch(False)
     assert not check(x, w, b, False)  # the suite runs with the torch-ops path off
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_torch_ops_result_is_torch_own(activation):
+    """What the C++ first step returns is F.linear + the activation, bit for bit, with the same
+    autograd graph (gradients equal to eager's, bit for bit)."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 64, requires_grad=True)
+    w, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
+    C._set_cpu_small_layers_to_torch(True)
+    try:
+        y = C._linear_as_torch_ops(x, w, b, activation, False)
+    finally:
+        C._set_cpu_small_layers_to_torch(False)
+    assert y is not None and y.requires_grad
+    inputs = (x, w, b)
+    ours = torch.autograd.grad(y, inputs, torch.ones_like(y))
+    ref = F_linear_act(x, w, activation, b)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for got, want in zip(ours, torch.autograd.grad(ref, inputs, torch.ones_like(ref))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -42,8 +42,8 @@ def test_rule():
             assert not gemv(vendor, isa, "bfloat16", 0, 1024, 1024)
             assert not gemv(vendor, isa, "float16", 1, 1024, 1024)
             assert not gemv(vendor, isa, "float64", 1, 1024, 1024)
-            # fp32: MKL's small-m products are at home on Intel, not on AMD
-            assert gemv(vendor, isa, "float32", 1, 1024, 1024) == (vendor == "amd")
+            # fp32: ahead of MKL on the AMD and Intel CPUs measured; other vendors unmeasured
+            assert gemv(vendor, isa, "float32", 1, 1024, 1024) == (vendor != "other")
         assert not gemv(vendor, "fallback", "bfloat16", 1, 1024, 1024)
 
 

@@ -148,7 +148,9 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
     return false;
   }
   if (dtype == at::kBFloat16) return true;
-  return dtype == at::kFloat && cpu.vendor == CpuTraits::Vendor::amd;
+  // fp32: ahead of MKL's product of a few rows on both vendors measured (docs/cpu_gemm.md, "Small
+  // batches: the GEMV"); CPUs of other vendors were never measured and keep ATen's.
+  return dtype == at::kFloat && cpu.vendor != CpuTraits::Vendor::other;
 }
 
 bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {

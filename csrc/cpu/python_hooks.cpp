@@ -1,6 +1,8 @@
 // Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA and
 // GEMM-path switches that tests use to run every path on one machine, the path a call would take, the vector activations (held against
 // float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -91,16 +93,30 @@ bool is_cpu_strided(const at::Tensor& t) {
   return t.device().is_cpu() && t.layout() == at::kStrided;
 }
 
-// chainrule.functional.linear's question before every call: is this a valid CPU layer (plain
-// tensors, not subclasses such as DTensor) that torch's own F.linear + activation runs at least
-// as fast as chainrule's ops (prefers_torch_ops)? Invalid inputs answer false and go on to the
-// op, whose checks name what is wrong. The arguments arrive as Python objects and are read in
-// place: converting three tensors through pybind11 would cost more than the answer.
-bool linear_runs_as_torch_ops(pybind11::handle input, pybind11::handle weight,
-                              pybind11::handle bias, bool accumulate) {
-  if (!THPVariable_CheckExact(input.ptr()) || !THPVariable_CheckExact(weight.ptr())) return false;
-  const at::Tensor& x = THPVariable_Unpack(input.ptr());
-  const at::Tensor& w = THPVariable_Unpack(weight.ptr());
+// The activation as chainrule.functional.linear takes it (None, "relu", "gelu", "gelu_tanh",
+// "silu"), or nullopt for anything else, the string "none" included (the Python side then raises
+// the error that names it).
+std::optional<Activation> activation_from_python(pybind11::handle activation) {
+  if (activation.is_none()) return Activation::none;
+  if (!PyUnicode_Check(activation.ptr())) return std::nullopt;
+  Py_ssize_t size = 0;
+  const char* text = PyUnicode_AsUTF8AndSize(activation.ptr(), &size);
+  if (text == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  const std::string_view name(text, static_cast<size_t>(size));
+  for (Activation a : {Activation::relu, Activation::gelu, Activation::gelu_tanh,
+                       Activation::silu}) {
+    if (name == activation_name(a)) return a;
+  }
+  return std::nullopt;
+}
+
+// Is this a valid CPU layer (plain tensors, not subclasses such as DTensor) that torch's own
+// F.linear + activation runs at least as fast as chainrule's ops (prefers_torch_ops)?
+bool runs_as_torch_ops(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
+                       bool accumulate) {
   if (!is_cpu_strided(x) || !is_cpu_strided(w) || w.dim() != 2 || x.dim() == 0) return false;
   const at::ScalarType dtype = x.scalar_type();
   const int64_t in_features = w.size(1), out_features = w.size(0);
@@ -109,20 +125,52 @@ bool linear_runs_as_torch_ops(pybind11::handle input, pybind11::handle weight,
       dtype != at::kDouble) {
     return false;
   }
-  const at::Tensor* b = nullptr;
-  if (!bias.is_none()) {
-    if (!THPVariable_CheckExact(bias.ptr())) return false;
-    b = &THPVariable_Unpack(bias.ptr());
-    if (!is_cpu_strided(*b) || b->dim() != 1 || b->size(0) != out_features ||
-        b->scalar_type() != dtype) {
-      return false;
-    }
+  if (b && (!is_cpu_strided(*b) || b->dim() != 1 || b->size(0) != out_features ||
+            b->scalar_type() != dtype)) {
+    return false;
   }
   const int64_t rows = in_features != 0 ? x.numel() / in_features : 0;
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (x.requires_grad() || w.requires_grad() || (b && b->requires_grad()));
   return chainrule::host_backend() == chainrule::HostBackend::cpu &&
          prefers_torch_ops(dtype, rows, out_features, in_features, accumulate, needs_grad);
+}
+
+// chainrule.functional.linear's first step on every call: when runs_as_torch_ops says so, the
+// layer computed with the very ops F.linear and F.relu / F.gelu / F.silu call (at::linear and the
+// activation, through the dispatcher, so autograd records them as it would from Python); None
+// otherwise, and the Python side goes on: under autocast or a TorchFunctionMode (which must see
+// F.linear), with an activation name it does not know, and for inputs the op must check, whose
+// errors name what is wrong. One call from Python, arguments read in place: the same questions
+// asked in Python cost ~2 µs a call, more than a tiny layer's GEMM.
+pybind11::object linear_as_torch_ops(pybind11::handle input, pybind11::handle weight,
+                                     pybind11::handle bias, pybind11::handle activation,
+                                     bool accumulate) {
+  const pybind11::object none = pybind11::none();
+  if (!THPVariable_CheckExact(input.ptr()) || !THPVariable_CheckExact(weight.ptr())) return none;
+  if (!bias.is_none() && !THPVariable_CheckExact(bias.ptr())) return none;
+  if (at::autocast::is_autocast_enabled(at::kCPU) || at::impl::torch_function_mode_enabled()) {
+    return none;
+  }
+  const std::optional<Activation> act = activation_from_python(activation);
+  if (!act) return none;
+  const at::Tensor& x = THPVariable_Unpack(input.ptr());
+  const at::Tensor& w = THPVariable_Unpack(weight.ptr());
+  const at::Tensor* b = bias.is_none() ? nullptr : &THPVariable_Unpack(bias.ptr());
+  if (!runs_as_torch_ops(x, w, b, accumulate)) return none;
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const at::Tensor z = at::linear(x, w, b ? std::optional<at::Tensor>(*b) : std::nullopt);
+    switch (*act) {
+      case Activation::none: y = z; break;
+      case Activation::relu: y = at::relu(z); break;
+      case Activation::gelu: y = at::gelu(z); break;
+      case Activation::gelu_tanh: y = at::gelu(z, "tanh"); break;
+      case Activation::silu: y = at::silu(z); break;
+    }
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
 }
 
 }  // namespace
@@ -213,9 +261,11 @@ void add_python_hooks(pybind11::module_& m) {
         pybind11::arg("accumulate"), pybind11::arg("needs_grad") = true,
         "Whether chainrule.functional.linear runs this CPU layer as torch's own F.linear + "
         "activation (csrc/cpu/gemm_path.h)");
-  m.def("_linear_runs_as_torch_ops", &linear_runs_as_torch_ops, pybind11::arg("input"),
-        pybind11::arg("weight"), pybind11::arg("bias").none(true), pybind11::arg("accumulate"),
-        "chainrule.functional.linear's check: a valid CPU layer that runs as torch's own ops");
+  m.def("_linear_as_torch_ops", &linear_as_torch_ops, pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias").none(true),
+        pybind11::arg("activation").none(true), pybind11::arg("accumulate"),
+        "chainrule.functional.linear's first step: the layer as torch's own ops where those are "
+        "at least as fast on this CPU, else None");
   m.def("_set_cpu_small_layers_to_torch", &set_small_layers_to_torch,
         "Whether tiny CPU layers run as torch's own ops in auto mode (default True)");
   m.def("_cpu_traits", [] {

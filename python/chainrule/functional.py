@@ -207,12 +207,13 @@ def _accumulation_buffer(parameter: Tensor) -> Optional[Tensor]:
 # The floating dtypes chainrule's ops take, by the names its C++ hooks use.
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.float64: "float64"}
-# The check before every CPU call, in C++ (csrc/cpu/python_hooks.cpp): a valid CPU layer of plain
+# The first step of every call, in C++ (csrc/cpu/python_hooks.cpp): a valid CPU layer of plain
 # tensors (not subclasses such as DTensor) that torch's own F.linear + activation runs at least as
-# fast as chainrule's ops: a tiny layer, or one that chainrule would give to ATen's GEMM anyway
-# (csrc/cpu/gemm_path.cpp's prefers_torch_ops). Invalid inputs go on to the op, whose checks name
-# what is wrong. In Python the same questions cost ~2 µs a call, a third of a tiny layer's time.
-_runs_as_torch_ops = _C._linear_runs_as_torch_ops
+# fast as chainrule's ops (a tiny layer, or one that chainrule would give to ATen's GEMM anyway:
+# csrc/cpu/gemm_path.cpp's prefers_torch_ops) comes back computed by those very ops; anything else
+# (autocast, a TorchFunctionMode, an unknown activation, invalid inputs, whose checks name what is
+# wrong) comes back None and goes on below. The same questions asked in Python cost ~2 µs a call.
+_as_torch_ops = _C._linear_as_torch_ops
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -230,6 +231,10 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     would run the same ops); CHAINRULE_CPU_GEMM=ours|aten turns this off. A call that needs no
     gradient runs the op without an autograd.Function.
     """
+    if not torch.compiler.is_compiling():
+        output = _as_torch_ops(input, weight, bias, activation, accumulate_grad)
+        if output is not None:
+            return output
     act = activation_op_name(activation)
     if torch._C._is_any_autocast_enabled() and isinstance(input, Tensor) and \
             torch.is_autocast_enabled(input.device.type):
@@ -241,9 +246,6 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
-    if not torch.compiler.is_compiling() and _runs_as_torch_ops(input, weight, bias,
-                                                                 accumulate_grad):
-        return _native_activation(F.linear(input, weight, bias), act)
     if accumulate_grad and torch.compiler.is_compiling():
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
     needs_grad = torch.is_grad_enabled() and any(
