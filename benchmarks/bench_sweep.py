@@ -11,7 +11,12 @@ and for M <= 8 the forward under torch.no_grad() ("infer", decoding): 40 rows mo
 Each row names the GEMM chainrule took for that call (`path`: ours, aten, gemv or torch, from
 chainrule.backends.cpu_gemm_path, forward / backward). Small calls are timed in batches of
 several calls per repeat so the timer's resolution does not matter; the cache is flushed before
-each batch.
+each batch. Many short repeats (21 of about 2 ms of work each in the full sweep) rather than a few
+long ones: the median then moves less with this machine's noise (a 2-core VM's neighbours).
+
+Two control rows time eager torch against a second, identical copy of itself, interleaved the
+same way: what their ratio misses 1.00x by is the run's noise floor, printed with the summary and
+left out of its count.
 """
 from __future__ import annotations
 
@@ -33,6 +38,12 @@ PASSES = ("fwd", "fwd+bwd")
 # Rows of at most this many input rows also time "infer", the forward under torch.no_grad()
 # (decoding): the pass that chainrule's GEMV takes (docs/cpu_gemm.md, "Small batches: the GEMV").
 INFER_MAX_M = 8
+# Work per timed repeat, at most this many calls: ~2 ms at 100 GFLOP/s.
+WORK_PER_REPEAT = 2e8
+MAX_CALLS = 200
+# The A/A control rows (M, K, N, activation, pass), float32: a tiny layer and a mid-sized one.
+CONTROLS = ((1, 64, 64, "gelu", "fwd"), (128, 1024, 1024, "none", "fwd+bwd"))
+CONTROL_PATH = "control"
 
 
 def grid(s: harness.Settings, shapes) -> list[bench_linear.Config]:
@@ -57,6 +68,10 @@ def batched(contender: harness.Contender, calls: int) -> harness.Contender:
     return harness.Contender(contender.name, run)
 
 
+def calls_per_repeat(flops: float) -> int:
+    return int(max(1, min(MAX_CALLS, WORK_PER_REPEAT / flops)))
+
+
 def run_config(cfg: bench_linear.Config, s: harness.Settings, peaks: dict, chainrule,
                flush) -> list[dict]:
     ours, eager, _ = bench_linear.build_sides(cfg, s.device, chainrule)
@@ -70,8 +85,7 @@ def run_config(cfg: bench_linear.Config, s: harness.Settings, peaks: dict, chain
     rows = []
     for pass_name in cfg.passes:
         flops = bench_linear.FLOPS_PER_MNK[pass_name] * cfg.m * cfg.n * cfg.k
-        # About 5 ms of work per repeat at 100 GFLOP/s, at most 200 calls.
-        calls = int(max(1, min(200, 5e8 / flops)))
+        calls = calls_per_repeat(flops)
         sides = ([("chainrule", ours)] if check.ok else []) + [("eager", eager)]
         contenders = [batched(side.contender(name, pass_name), calls) for name, side in sides]
         cpu_times: dict = {}
@@ -94,9 +108,32 @@ def run_config(cfg: bench_linear.Config, s: harness.Settings, peaks: dict, chain
     return rows
 
 
+def run_control(m: int, k: int, n: int, activation: str, pass_name: str, s: harness.Settings,
+                chainrule, flush) -> dict:
+    """Eager against a second copy of itself (same values, its own tensors), timed like a row."""
+    cfg = bench_linear.Config(m, k, n, torch.float32, activation, (pass_name,))
+    _, first, _ = bench_linear.build_sides(cfg, s.device, chainrule)
+    _, second, _ = bench_linear.build_sides(cfg, s.device, chainrule)
+    check = harness.guarded(lambda: bench_linear.check_config(first, second, cfg.dtype))
+    flops = bench_linear.FLOPS_PER_MNK[pass_name] * m * n * k
+    calls = calls_per_repeat(flops)
+    contenders = [batched(side.contender(name, pass_name), calls)
+                  for name, side in (("eager copy", first), ("eager", second))]
+    times = harness.measure(contenders, repeats=s.repeats, warmup=max(s.warmup, 1),
+                            device=s.device, flush=flush)
+    return harness.make_row(
+        subject="sweep", label=f"{cfg.shape} fp32 {activation} {pass_name} [{CONTROL_PATH}]",
+        size=float(m * n * k), times={name: [t / calls for t in ts] for name, ts in times.items()},
+        check=check, work=flops, unit=harness.flops_unit(s.device), peak=None, ours="eager copy",
+        config={"m": m, "k": k, "n": n, "dtype": "float32", "activation": activation,
+                "pass": pass_name, "device": str(s.device), "calls_per_repeat": calls,
+                "path": CONTROL_PATH})
+
+
 def summary_lines(rows: list[dict], threshold: float = 0.95) -> list[str]:
-    """How many rows hold ratio >= threshold against eager, and the slowest ones."""
-    timed = [r for r in rows if r["ratios"].get("eager") is not None]
+    """How many rows hold ratio >= threshold against eager, the slowest ones, and the controls."""
+    controls = [r for r in rows if r["config"].get("path") == CONTROL_PATH and r["ratios"]]
+    timed = [r for r in rows if r["ratios"].get("eager") is not None and r not in controls]
     if not timed:
         return []
     below = sorted((r for r in timed if r["ratios"]["eager"] < threshold),
@@ -109,6 +146,9 @@ def summary_lines(rows: list[dict], threshold: float = 0.95) -> list[str]:
         lines.append(f"  below: {r['label']} {r['ratios']['eager']:.2f}x "
                      f"(fastest repeats {r['ratios_of_min']['eager']:.2f}x, "
                      f"path {r['config']['path']})")
+    if controls:
+        lines.append("  noise floor (eager against a copy of itself, the same ops): " + ", ".join(
+            f"{r['label']} {r['ratios']['eager']:.2f}x" for r in controls))
     return lines
 
 
@@ -116,7 +156,7 @@ def main(argv=None) -> int:
     p = harness.parser(__doc__, shapes_help="comma-separated MxKxN (default: the grid above)",
                        default_dtypes="float32,bfloat16")
     args = p.parse_args(argv)
-    s = harness.settings("sweep", args, repeats=(1, 5, 7), warmup=(0, 1, 1))
+    s = harness.settings("sweep", args, repeats=(1, 15, 21), warmup=(0, 1, 1))
     rows: list[dict] = []
     if s.device.type != "cpu":
         s.available = False
@@ -128,6 +168,8 @@ def main(argv=None) -> int:
         flush = harness.CacheFlusher(s.device) if s.mode != "smoke" else None
         for cfg in harness.progress(grid(s, shapes), s, "sweep"):
             rows.extend(run_config(cfg, s, peaks, chainrule, flush))
+        if not args.shapes:
+            rows.extend(run_control(*control, s, chainrule, flush) for control in CONTROLS)
     harness.write_results(s, rows, peaks=peaks if s.available else None)
     print("\n".join(summary_lines(rows)))
     return 0

@@ -148,9 +148,14 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
     return false;
   }
   if (dtype == at::kBFloat16) return true;
-  // fp32: ahead of MKL's product of a few rows on both vendors measured (docs/cpu_gemm.md, "Small
-  // batches: the GEMV"); CPUs of other vendors were never measured and keep ATen's.
-  return dtype == at::kFloat && cpu.vendor != CpuTraits::Vendor::other;
+  if (dtype != at::kFloat) return false;
+  // fp32 (docs/cpu_gemm.md, "Small batches: the GEMV"): on AMD, MKL's product of a few rows ran
+  // far behind at every row count. On Intel it kept up for 1-3 rows, where the op's fixed cost
+  // made the layer 0.72-1.00x eager, and took twice its one-row time for 4 rows (the layer on the
+  // GEMV 1.17-1.63x). CPUs of other vendors were never measured and keep ATen's.
+  constexpr int64_t kIntelMinRows = 4;
+  if (cpu.vendor == CpuTraits::Vendor::amd) return true;
+  return cpu.vendor == CpuTraits::Vendor::intel && m >= kIntelMinRows;
 }
 
 bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
