@@ -142,6 +142,16 @@ def summary_lines(rows: list[dict], threshold: float = 0.95) -> list[str]:
     lines = ["", f"sweep: {len(timed) - len(below)} of {len(timed)} rows at >= {threshold:.2f}x "
                  f"eager; slowest {worst['label']} {worst['ratios']['eager']:.2f}x "
                  f"(path {worst['config']['path']})"]
+    # Rows whose path is torch's own ops in every pass run the same ops as eager: what separates
+    # them is the module's check (~0.5 µs a call) and noise. The others run chainrule's kernels.
+    own = [r for r in timed if any(p != "torch" for p in r["config"]["path"].split("/"))]
+    if own:
+        held = sum(r["ratios"]["eager"] >= threshold for r in own)
+        lines.append(f"  on chainrule's own kernels (ours, aten + epilogue, gemv): {held} of "
+                     f"{len(own)} at >= {threshold:.2f}x, "
+                     f"{min(r['ratios']['eager'] for r in own):.2f}x-"
+                     f"{max(r['ratios']['eager'] for r in own):.2f}x; the other "
+                     f"{len(timed) - len(own)} run torch's own ops on both sides")
     for r in below:
         lines.append(f"  below: {r['label']} {r['ratios']['eager']:.2f}x "
                      f"(fastest repeats {r['ratios_of_min']['eager']:.2f}x, "
