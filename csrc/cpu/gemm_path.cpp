@@ -147,12 +147,17 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
       static_cast<double>(n) * static_cast<double>(k) < static_cast<double>(kGemvMinWeights)) {
     return false;
   }
-  if (dtype == at::kBFloat16) return true;
+  // The measurements behind each branch: docs/cpu_gemm.md, "Small batches: the GEMV".
+  // bf16: up to 4 rows. From 5 the kernel is bound by its FMAs and by reading the widened input
+  // rows again for every 2 weight rows (from L2 once M x K floats outgrow L1), and oneDNN's
+  // product kept up (the kernel alone 0.65-1.26x at 5-8 rows on an AMX Xeon).
+  constexpr int64_t kBf16MaxRows = 4;
+  if (dtype == at::kBFloat16) return m <= kBf16MaxRows;
   if (dtype != at::kFloat) return false;
-  // fp32 (docs/cpu_gemm.md, "Small batches: the GEMV"): on AMD, MKL's product of a few rows ran
-  // far behind at every row count. On Intel it kept up for 1-3 rows, where the op's fixed cost
-  // made the layer 0.72-1.00x eager, and took twice its one-row time for 4 rows (the layer on the
-  // GEMV 1.17-1.63x). CPUs of other vendors were never measured and keep ATen's.
+  // fp32: on AMD, MKL's product of a few rows ran far behind at every row count measured. On
+  // Intel it kept up for 1-3 rows, where the op's fixed cost made the layer 0.72-1.00x eager, and
+  // slowed down from 4 (the kernel alone 1.32-2.24x at 4-8 rows). CPUs of other vendors were never
+  // measured and keep ATen's.
   constexpr int64_t kIntelMinRows = 4;
   if (cpu.vendor == CpuTraits::Vendor::amd) return true;
   return cpu.vendor == CpuTraits::Vendor::intel && m >= kIntelMinRows;

@@ -60,10 +60,11 @@ bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bo
 
 // Whether a forward of m <= gemm::kGemvMaxRows rows runs on our GEMV (gemm::gemv: the weight
 // streamed once, no packing) instead of the GEMM the rule picks: float32 on AMD (MKL's small-m
-// products ran far behind there) and on Intel for 4 rows (MKL's 4-row product took twice its
-// 1-row time; other vendors unmeasured) and bfloat16 on every CPU (oneDNN's and the widened
-// path's small-m bf16 products ran at a fraction of the memory bandwidth), once the weight holds
-// at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in auto and ours mode.
+// products ran far behind there) and on Intel from 4 rows (MKL's 4-row product took twice its
+// 1-row time; other vendors unmeasured), and bfloat16 of at most 4 rows on every CPU (oneDNN's
+// and the widened path's small-m bf16 products ran at a fraction of the memory bandwidth), once
+// the weight holds at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in
+// auto and ours mode.
 // choose_gemv is the rule, uses_gemv this process's answer.
 constexpr int64_t kGemvMinWeights = int64_t(1) << 16;
 bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,

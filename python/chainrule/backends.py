@@ -89,7 +89,7 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
     about a forward that needs no gradient (inference, decoding).
 
     chainrule's own GEMM fuses the epilogues into the kernel; ATen's (MKL / oneDNN) is followed by
-    chainrule's one-pass epilogues; 'gemv' is the forward of at most 4 rows on chainrule's GEMV
+    chainrule's one-pass epilogues; 'gemv' is the forward of at most 8 rows on chainrule's GEMV
     (the weight streamed once, then the one-pass epilogue); 'torch' is a layer that
     chainrule.functional.linear runs as torch's own F.linear + activation, because it is tiny (at
     most 2^21 multiply-adds) or would take ATen's GEMM both ways without accumulate_grad anyway,

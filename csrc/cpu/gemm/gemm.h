@@ -68,7 +68,7 @@ void run(const Problem& problem, CpuIsa isa);
 // is never paid back by so few rows); the sums are float32 in a fixed order per output, so the
 // bits do not depend on the thread count. Needs avx512 or avx2 (bf16 is widened exactly; no
 // AVX512_BF16 needed).
-constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kGemvMaxRows = 8;
 bool gemv_supports(CpuIsa isa);
 void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
           int64_t n, float* acc);

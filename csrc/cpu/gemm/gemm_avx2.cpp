@@ -99,7 +99,8 @@ void run_f32(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int64
 }
 
 // gemv (gemv_kernel.h): 2 weight rows x up to 4 input rows = 8 ymm accumulators, 4 input
-// vectors and the weight vector, 13 of the 16 ymm registers.
+// vectors and the weight vector, 13 of the 16 ymm registers; for 5-8 input rows, 1 weight row
+// (8 accumulators and 8 input vectors, the weight vector reloaded from L1 if it is spilled).
 struct GemvIo {
   using V = VecF256;
   static constexpr int kRows = 2;

@@ -218,8 +218,8 @@ void run_bf16(const Problem& p, const Blocking& bl, int64_t m0, int64_t m1, int6
   run_block<KernelBF16>(p, bl, m0, m1, n0, n1, owns, ws);
 }
 
-// gemv (gemv_kernel.h): 4 weight rows x up to 4 input rows = 16 zmm accumulators, 4 input
-// vectors and the weight vector. bf16 weights are widened exactly (bits << 16), so this needs
+// gemv (gemv_kernel.h): 4 weight rows x up to 4 input rows (2 x up to 8) = 16 zmm accumulators,
+// 4 (8) input vectors and the weight vector. bf16 weights are widened exactly (bits << 16), so this needs
 // AVX-512F/BW/VL only, not AVX512_BF16.
 struct GemvIo {
   using V = VecF512;

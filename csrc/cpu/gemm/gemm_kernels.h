@@ -40,8 +40,8 @@ struct KernelSet {
 const KernelSet* avx512_kernels(ElementType type);
 const KernelSet* avx2_kernels(ElementType type);
 
-// gemv's per-ISA part (gemv_kernel.h): acc(i, j) for the weight rows [j0, j1), m <= 4 rows of
-// float32 input x; w holds float or bf16 bits by the function's element type.
+// gemv's per-ISA part (gemv_kernel.h): acc(i, j) for the weight rows [j0, j1), m <= kGemvMaxRows
+// rows of float32 input x; w holds float or bf16 bits by the function's element type.
 using GemvFn = void (*)(const float* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
                         float* acc, int64_t ldacc);
 GemvFn avx512_gemv(ElementType type);

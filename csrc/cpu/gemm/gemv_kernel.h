@@ -3,11 +3,12 @@
 // namespace, after defining `GemvIo`, and gets gemv_f32 / gemv_bf16 (gemm_kernels.h's GemvFn) on
 // it. GemvIo has:
 //   Io::V                     the float vector type (VecF512, VecF256)
-//   Io::kRows                 weight rows per block (accumulators: kRows x the input rows)
+//   Io::kRows                 weight rows per block of up to 4 input rows (accumulators: kRows x
+//                             the input rows); blocks of 5-8 input rows take half as many
 //   Io::load_f32(p, n)        n <= V::width floats, the lanes past n zero
 //   Io::load_bf16(p, n)       n <= V::width bf16 values widened to float (exactly), the rest zero
 //   Io::reduce_add(v)         the sum of v's lanes, in a fixed order
-// acc(i, j) = Σ_p x(i, p) · w(j, p) for the m <= 4 input rows x (float32, m x k, row-major) and
+// acc(i, j) = Σ_p x(i, p) · w(j, p) for the m <= 8 input rows x (float32, m x k, row-major) and
 // the weight rows j in [j0, j1) of w (n x k, row-major, float or bf16 bits): every weight row is
 // read once, straight from memory, with no packing; each output is one fixed-order sum, so the
 // bits do not depend on how the rows are split among threads.
@@ -26,24 +27,24 @@ inline void gemv_block(const float* x, int64_t k, const T* w, float* acc, int64_
   reg a[R][M];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) a[r][i] = V::set1(0.0f);
   }
   for (int64_t p = 0; p < k; p += W) {
     const int lanes = static_cast<int>(std::min<int64_t>(W, k - p));
     reg xv[M];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) xv[i] = Io::load_f32(x + i * k + p, lanes);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const reg wv = gemv_load<Io>(w + r * k + p, lanes);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int i = 0; i < M; ++i) a[r][i] = V::fma(wv, xv[i], a[r][i]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) acc[i * ldacc + r] = Io::reduce_add(a[r][i]);
   }
 }
@@ -51,7 +52,9 @@ inline void gemv_block(const float* x, int64_t k, const T* w, float* acc, int64_
 template <class Io, int M, typename T>
 inline void gemv_rows_m(const float* x, int64_t k, const T* w, int64_t j0, int64_t j1,
                         float* acc, int64_t ldacc) {
-  constexpr int R = Io::kRows;
+  // 5-8 input rows: half the weight rows per block, so the accumulators (R x M), the input
+  // vectors (M) and the weight vector still fit the register file (AVX-512: 16 + 8 + 1 of 32).
+  constexpr int R = M <= 4 ? Io::kRows : (Io::kRows > 1 ? Io::kRows / 2 : 1);
   int64_t j = j0;
   for (; j + R <= j1; j += R) gemv_block<Io, M, R>(x, k, w + j * k, acc + j, ldacc);
   for (; j < j1; ++j) gemv_block<Io, M, 1>(x, k, w + j * k, acc + j, ldacc);
@@ -64,7 +67,11 @@ void gemv_rows(const float* x, int m, int64_t k, const T* w, int64_t j0, int64_t
     case 1: gemv_rows_m<Io, 1>(x, k, w, j0, j1, acc, ldacc); break;
     case 2: gemv_rows_m<Io, 2>(x, k, w, j0, j1, acc, ldacc); break;
     case 3: gemv_rows_m<Io, 3>(x, k, w, j0, j1, acc, ldacc); break;
-    default: gemv_rows_m<Io, 4>(x, k, w, j0, j1, acc, ldacc); break;
+    case 4: gemv_rows_m<Io, 4>(x, k, w, j0, j1, acc, ldacc); break;
+    case 5: gemv_rows_m<Io, 5>(x, k, w, j0, j1, acc, ldacc); break;
+    case 6: gemv_rows_m<Io, 6>(x, k, w, j0, j1, acc, ldacc); break;
+    case 7: gemv_rows_m<Io, 7>(x, k, w, j0, j1, acc, ldacc); break;
+    default: gemv_rows_m<Io, 8>(x, k, w, j0, j1, acc, ldacc); break;
   }
 }
 
