@@ -15,9 +15,12 @@
 //    activation backward for dZ, fixed-order bias-gradient column sums, then the two GEMMs, the
 //    weight gradient's adding into the gradient buffer (beta = 1) instead of a temporary.
 //    bfloat16/float16 multiply as they are where oneDNN has bf16 instructions, otherwise they are
-//    widened to float32, with bias, rounding and activation in one scalar pass each way.
+//    widened to float32, with bias, rounding and activation in one pass each way (the forward's
+//    activation on the vector code where the ISA has it).
 // The math of our kernels is csrc/include/chainrule/activation.h (vector twins:
 // cpu/gemm/simd_math.h).
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -50,12 +53,19 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// out = act(acc + bias), pre = acc + bias; acc is (M, N) in the accumulation type.
+// out = act(acc + bias), pre = acc + bias; acc is (M, N) in the accumulation type. With float
+// sums and a vector ISA the activation runs on the vector code of our GEMM's write-back
+// (gemm::activation_map, held against float64 by tests/test_cpu_isa.py), a row at a time; the
+// scalar activation.h otherwise (float64, the fallback ISA).
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, scalar_t* pre,
                       int64_t M, int64_t N) {
+  const CpuIsa isa = active_isa();
+  const bool vector = std::is_same_v<acc_t, float> && A != Activation::none &&
+                      isa != CpuIsa::fallback;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
                    [&](int64_t begin, int64_t end) {
+    std::vector<float> z_row(vector ? N : 0);
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* acc_row = acc + i * N;
       scalar_t* out_row = out + i * N;
@@ -68,7 +78,15 @@ void forward_epilogue(const acc_t* acc, const scalar_t* bias, scalar_t* out, sca
         const scalar_t z_stored = static_cast<scalar_t>(z);
         if (pre_row) pre_row[j] = z_stored;
         z = static_cast<acc_t>(z_stored);
-        out_row[j] = static_cast<scalar_t>(activation_forward<A>(z));
+        if (vector) {
+          z_row[j] = static_cast<float>(z);
+        } else {
+          out_row[j] = static_cast<scalar_t>(activation_forward<A>(z));
+        }
+      }
+      if (vector) {
+        gemm::activation_map(isa, A, /*derivative=*/false, z_row.data(), z_row.data(), N);
+        for (int64_t j = 0; j < N; ++j) out_row[j] = static_cast<scalar_t>(z_row[j]);
       }
     }
   });
