@@ -1,6 +1,10 @@
 // Python hooks of the CPU kernels (bound into chainrule._C by module.cpp): the run-time ISA and
-// GEMM-path switches that tests use to run every path on one machine, the path a call would take, the vector activations (held against
-// float64 by tests/test_cpu_isa.py), and the raw GEMM that the benchmarks time against the peak.
+// GEMM-path switches that tests use to run every path on one machine, the path a call would take,
+// chainrule.functional.linear's first step (a layer that runs as torch's own ops), the vector
+// activations (held against float64 by tests/test_cpu_isa.py), and the raw GEMM and GEMV that
+// tests and benchmarks run alone.
+#include <cstring>
+
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
@@ -105,12 +109,13 @@ std::optional<Activation> activation_from_python(pybind11::handle activation) {
     PyErr_Clear();
     return std::nullopt;
   }
-  const std::string_view name(text, static_cast<size_t>(size));
-  for (Activation a : {Activation::relu, Activation::gelu, Activation::gelu_tanh,
-                       Activation::silu}) {
-    if (name == activation_name(a)) return a;
+  Activation parsed = Activation::none;
+  // A name with an embedded NUL ("gelu\0") would parse as its prefix: not a name Python takes.
+  if (std::strlen(text) != static_cast<size_t>(size) || !parse_activation(text, &parsed) ||
+      parsed == Activation::none) {
+    return std::nullopt;
   }
-  return std::nullopt;
+  return parsed;
 }
 
 // Is this a valid CPU layer (plain tensors, not subclasses such as DTensor) that torch's own
@@ -138,7 +143,8 @@ bool runs_as_torch_ops(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 // chainrule.functional.linear's first step on every call: when runs_as_torch_ops says so, the
 // layer computed with the very ops F.linear and F.relu / F.gelu / F.silu call (at::linear and the
-// activation, through the dispatcher, so autograd records them as it would from Python); None
+// activation, through the dispatcher, so autograd records them as it would from Python; not
+// linear.cpp's torch_activation, whose fixed out= blocks autograd cannot differentiate); None
 // otherwise, and the Python side goes on: under autocast or a TorchFunctionMode (which must see
 // F.linear), with an activation name it does not know, and for inputs the op must check, whose
 // errors name what is wrong. One call from Python, arguments read in place: the same questions

@@ -231,7 +231,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     would run the same ops); CHAINRULE_CPU_GEMM=ours|aten turns this off. A call that needs no
     gradient runs the op without an autograd.Function.
     """
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         output = _as_torch_ops(input, weight, bias, activation, accumulate_grad)
         if output is not None:
             return output
@@ -246,7 +247,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return linear(input, weight, bias, activation, accumulate_grad=accumulate_grad)
-    if accumulate_grad and torch.compiler.is_compiling():
+    if accumulate_grad and compiling:
         accumulate_grad = False  # compiled backward graphs return gradients the ordinary way
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
