@@ -156,21 +156,24 @@ class Side:
 
 
 def build_sides(cfg: Config, device: torch.device, chainrule, accumulate_grad: bool = False):
-    """chainrule's side and a torch nn.Linear with the same weights, inputs and grad_output."""
+    """chainrule's side and a torch nn.Linear over the very same weight, bias, input and
+    grad_output tensors (chainrule's module holds the reference's Parameter objects, as
+    chainrule.convert does). With copies of their own, where each copy lands in memory moved
+    identical ops by a few per cent, the same way run after run (benchmarks/README.md, Method,
+    "Same tensors").
+    Each timed call starts from .grad = None (Side.reset_grads), so sharing changes no result."""
     torch.manual_seed(cfg.m * 7 + cfg.k * 3 + cfg.n)
     reference = torch.nn.Linear(cfg.k, cfg.n, device=device, dtype=cfg.dtype)
-    x = torch.randn(cfg.m, cfg.k, device=device, dtype=cfg.dtype)
+    x = torch.randn(cfg.m, cfg.k, device=device, dtype=cfg.dtype).requires_grad_()
     dy = torch.randn(cfg.m, cfg.n, device=device, dtype=cfg.dtype)
     ours = chainrule.nn.Linear(cfg.k, cfg.n, activation=None if cfg.activation == "none"
                                else cfg.activation, accumulate_grad=accumulate_grad,
                                device=device, dtype=cfg.dtype)
-    with torch.no_grad():
-        ours.weight.copy_(reference.weight)
-        ours.bias.copy_(reference.bias)
+    ours.weight, ours.bias = reference.weight, reference.bias
+    params = [reference.weight, reference.bias]
     act = torch_activation(cfg.activation)
-    ours_side = Side(ours, [ours.weight, ours.bias], x.clone().requires_grad_(), dy)
-    torch_side = Side(lambda inp: act(reference(inp)), [reference.weight, reference.bias],
-                      x.clone().requires_grad_(), dy)
+    ours_side = Side(ours, params, x, dy)
+    torch_side = Side(lambda inp: act(reference(inp)), params, x, dy)
     return ours_side, torch_side, reference
 
 
