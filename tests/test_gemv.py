@@ -35,9 +35,13 @@ def test_rule():
     gemv = C._choose_cpu_gemv
     for vendor in ("intel", "amd", "other"):
         for isa in ("avx512", "avx2"):
-            # bf16: up to 4 rows (from 5, oneDNN's product kept up with the kernel)
+            # bf16: up to 4 rows on the vector kernel (from 5, oneDNN's product kept up with
+            # it); every row count on AMX tiles, which need ISA avx512 and k >= 32
             for m in range(1, MAX_ROWS + 2):
                 assert gemv(vendor, isa, "bfloat16", m, 1024, 1024) == (m <= 4), (vendor, m)
+                on_tiles = m <= MAX_ROWS and (m <= 4 or isa == "avx512")
+                assert gemv(vendor, isa, "bfloat16", m, 1024, 1024, amx_bf16=True) == on_tiles
+                assert gemv(vendor, isa, "bfloat16", m, 4096, 31, amx_bf16=True) == (m <= 4)
             assert gemv(vendor, isa, "bfloat16", 4, 256, 256)  # 2^16 weights
             assert not gemv(vendor, isa, "bfloat16", 1, 255, 256)  # below 2^16 weights
             assert not gemv(vendor, isa, "bfloat16", 0, 1024, 1024)
@@ -83,6 +87,17 @@ def test_kernel_is_the_same_at_any_thread_count(isa, m):
         assert torch.equal(r, results[0])
 
 
+def test_bf16_runs_on_amx_tiles_where_the_cpu_has_them(isa):
+    """The kernel a bf16 product takes: AMX tiles with ISA avx512 on a CPU (and OS) that has them
+    and k >= 32, the vector kernel of the ISA otherwise; float32 never takes the tiles. Where the
+    tiles run, test_kernel_against_float64 holds them to the bound (its K and N include every
+    tail: K mod 32 on scalar code, N mod 16 on the vector kernel)."""
+    amx = C._cpu_traits()["amx_bf16"]
+    assert C._cpu_gemv_kernel("bfloat16", 1024) == ("amx" if amx and isa == "avx512" else isa)
+    assert C._cpu_gemv_kernel("bfloat16", 31) == isa
+    assert C._cpu_gemv_kernel("float32", 1024) == isa
+
+
 def test_kernel_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match=r"_cpu_gemv: expected \(m, k\) and \(n, k\) matrices "
                                            r"with 1 <= m <= 8 and k, n > 0, got \[9, 8\]"):
@@ -98,7 +113,9 @@ def test_layer_on_the_gemv(isa, dtype, activation):
     backward): F.linear + the activation's values, within one rounding of the storage dtype."""
     m, k, n = 3, 257, 513
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    expected_path = "gemv" if C._choose_cpu_gemv(C._cpu_traits()["vendor"], isa, name, m, n, k) \
+    traits = C._cpu_traits()
+    expected_path = "gemv" if C._choose_cpu_gemv(traits["vendor"], isa, name, m, n, k,
+                                                 amx_bf16=traits["amx_bf16"]) \
         else C._cpu_gemm_path(name, False, m, n, k)
     assert C._cpu_gemm_path(name, False, m, n, k) == expected_path
     torch.manual_seed(0)

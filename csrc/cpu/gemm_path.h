@@ -30,7 +30,7 @@ struct CpuTraits {
   enum class Vendor : int { intel, amd, other } vendor = Vendor::other;
   int family = 0, model = 0;     // display family / model
   bool avx512_bf16 = false;      // vdpbf16ps
-  bool amx_bf16 = false;         // AMX tiles with bf16 (Sapphire Rapids and later)
+  bool amx_bf16 = false;         // AMX tiles with bf16 (Sapphire Rapids and later), OS-granted
 };
 const CpuTraits& cpu_traits();
 

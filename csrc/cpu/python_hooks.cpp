@@ -66,7 +66,7 @@ at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-// acc = X · Wᵀ in float32 for float32 / bfloat16 X (m x k, m <= 4) and W (n x k), on our GEMV
+// acc = X · Wᵀ in float32 for float32 / bfloat16 X (m x k, m <= 8) and W (n x k), on our GEMV
 // with the active ISA: the kernel alone, for tests on any CPU (the rule decides where it runs).
 at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) > 0 &&
@@ -250,13 +250,27 @@ void add_python_hooks(pybind11::module_& m) {
         "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
         "bf16/fp16 as they are)");
   m.def("_cpu_gemv", &gemv_for_python, "X · Wᵀ (float32 sums) on our GEMV, active ISA");
+  m.def("_cpu_gemv_kernel",
+        [](const std::string& dtype, int64_t k) {
+          const CpuIsa isa = active_isa();
+          TORCH_CHECK(gemm::gemv_supports(isa), "chainrule._C._cpu_gemv_kernel: no GEMV for CPU ISA ",
+                      isa_name(isa));
+          const bool amx = dtype_from_name(dtype) == at::kBFloat16 && gemm::uses_amx_gemv(isa, k);
+          return std::string(amx ? "amx" : isa_name(isa));
+        },
+        pybind11::arg("dtype"), pybind11::arg("k"),
+        "The kernel our GEMV runs for this dtype and in_features with the active ISA: 'amx' "
+        "(bf16 on AMX tiles), 'avx512' or 'avx2'");
   m.def("_choose_cpu_gemv",
         [](const std::string& vendor, const std::string& isa, const std::string& dtype,
-           int64_t m, int64_t n, int64_t k) {
+           int64_t m, int64_t n, int64_t k, bool amx_bf16) {
           CpuTraits cpu;
           cpu.vendor = vendor_from_name(vendor);
+          cpu.amx_bf16 = amx_bf16;
           return choose_gemv(cpu, isa_from_name(isa), dtype_from_name(dtype), m, n, k);
         },
+        pybind11::arg("vendor"), pybind11::arg("isa"), pybind11::arg("dtype"), pybind11::arg("m"),
+        pybind11::arg("n"), pybind11::arg("k"), pybind11::arg("amx_bf16") = false,
         "The GEMV rule for a described CPU and ISA: whether a forward of m rows takes it");
   m.def("_cpu_prefers_torch_ops",
         [](const std::string& dtype, int64_t m, int64_t n, int64_t k, bool accumulate,

@@ -12,5 +12,6 @@ c $ROOT/csrc/cpu/isa.cpp
 c $ROOT/csrc/cpu/gemm/gemm.cpp
 c $ROOT/csrc/cpu/gemm/gemm_avx512.cpp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma
 c $ROOT/csrc/cpu/gemm/gemm_avx2.cpp -mavx2 -mfma
+c $ROOT/csrc/cpu/gemm/gemv_amx.cpp -mamx-tile -mamx-bf16
 c $ROOT/tests/cpu_gemm/gemm_check.cpp
 g++ -fopenmp $OBJ/*.o -o $OUT -L$TORCH/lib -Wl,-rpath,$TORCH/lib -ltorch_cpu -lc10

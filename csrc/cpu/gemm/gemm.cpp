@@ -162,9 +162,26 @@ void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, con
   const int64_t row_bytes = k * (type == ElementType::float32 ? 4 : 2);
   const int64_t tasks = (n + kTaskRows - 1) / kTaskRows;
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (row_bytes * kTaskRows));
+  // bf16 on AMX tiles where the CPU and the OS allow them (gemv_amx.cpp): whole tiles of 16
+  // weight rows there, the last rows of the weight (n mod 16) on the vector kernel.
+  std::vector<uint32_t> x_tiles;
+  if (type == ElementType::bfloat16 && uses_amx_gemv(isa, k)) {
+    x_tiles.resize(static_cast<size_t>(amx_packed_input_units(m, k)));
+    amx_pack_input(static_cast<const uint16_t*>(x), static_cast<int>(m), k, x_tiles.data());
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    fn(xf, static_cast<int>(m), k, w, begin * kTaskRows, std::min(n, end * kTaskRows), acc, n);
+    int64_t j = begin * kTaskRows;
+    const int64_t j_end = std::min(n, end * kTaskRows);
+    if (!x_tiles.empty()) {
+      j = amx_gemv_bf16(x_tiles.data(), static_cast<const uint16_t*>(x), static_cast<int>(m), k,
+                        static_cast<const uint16_t*>(w), j, j_end, acc, n);
+    }
+    if (j < j_end) fn(xf, static_cast<int>(m), k, w, j, j_end, acc, n);
   });
+}
+
+bool uses_amx_gemv(CpuIsa isa, int64_t k) {
+  return isa == CpuIsa::avx512 && k >= kAmxStepK && amx_available();
 }
 
 }  // namespace chainrule::cpu::gemm

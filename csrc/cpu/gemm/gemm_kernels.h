@@ -47,6 +47,14 @@ using GemvFn = void (*)(const float* x, int m, int64_t k, const void* w, int64_t
 GemvFn avx512_gemv(ElementType type);
 GemvFn avx2_gemv(ElementType type);
 
+// The bf16 GEMV on AMX tiles (gemv_amx.cpp). amx_pack_input: the m <= 16 input rows as the B
+// tile of each 32-wide step of k, amx_packed_input_units(m, k) units. amx_gemv_bf16: acc(i, j)
+// for the whole 16-row tiles of weight rows from j0 (at most j1); returns the first row not done.
+inline int64_t amx_packed_input_units(int64_t m, int64_t k) { return k / kAmxStepK * 16 * m; }
+void amx_pack_input(const uint16_t* x, int m, int64_t k, uint32_t* packed);
+int64_t amx_gemv_bf16(const uint32_t* packed, const uint16_t* x, int m, int64_t k,
+                      const uint16_t* w, int64_t j0, int64_t j1, float* acc, int64_t ldacc);
+
 // out[i] = act(in[i]) or act'(in[i]) with the ISA's vector activations (tests compare them with
 // the scalar functions of chainrule/activation.h).
 void avx512_activation_map(Activation activation, bool derivative, const float* in, float* out,
