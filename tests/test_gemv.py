@@ -88,14 +88,17 @@ def test_kernel_is_the_same_at_any_thread_count(isa, m):
 
 
 def test_bf16_runs_on_amx_tiles_where_the_cpu_has_them(isa):
-    """The kernel a bf16 product takes: AMX tiles with ISA avx512 on a CPU (and OS) that has them
-    and k >= 32, the vector kernel of the ISA otherwise; float32 never takes the tiles. Where the
-    tiles run, test_kernel_against_float64 holds them to the bound (its K and N include every
-    tail: K mod 32 on scalar code, N mod 16 on the vector kernel)."""
+    """The kernel a bf16 product takes: AMX tiles for 4-8 rows with ISA avx512 on a CPU (and OS)
+    that has them and k >= 32, the vector kernel of the ISA otherwise; float32 never takes the
+    tiles. Where the tiles run, test_kernel_against_float64 holds them to the bound (its rows run
+    1-8 and its K and N include every tail: K mod 32 on scalar code, N mod 16 on the vector
+    kernel)."""
     amx = C._cpu_traits()["amx_bf16"]
-    assert C._cpu_gemv_kernel("bfloat16", 1024) == ("amx" if amx and isa == "avx512" else isa)
-    assert C._cpu_gemv_kernel("bfloat16", 31) == isa
-    assert C._cpu_gemv_kernel("float32", 1024) == isa
+    for m in range(1, MAX_ROWS + 1):
+        tiles = amx and isa == "avx512" and m >= 4
+        assert C._cpu_gemv_kernel("bfloat16", m, 1024) == ("amx" if tiles else isa), m
+        assert C._cpu_gemv_kernel("bfloat16", m, 31) == isa
+        assert C._cpu_gemv_kernel("float32", m, 1024) == isa
 
 
 def test_kernel_refuses_what_it_cannot_run():

@@ -147,9 +147,9 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
   // The measurements behind each branch: docs/cpu_gemm.md, "Small batches: the GEMV".
   // bf16: up to 4 rows on the vector kernel. From 5 it is bound by its FMAs on the widened
   // weights, and oneDNN's product kept up (the kernel alone 0.95-1.18x at 8 rows of 1024x1024 and
-  // 768x3072 on an AMX Xeon). On AMX tiles (ISA avx512, k >= 32) every row count: 16 weight rows
-  // x 32 of k x m rows is one instruction, and the kernel runs at the speed the weight streams in
-  // (1.8-2.8x oneDNN's AMX product at 8 rows).
+  // 768x3072 on an AMX Xeon). Where the CPU has AMX tiles (ISA avx512, k >= 32), 4-8 rows run on
+  // them: 16 weight rows x 32 of k x m rows is one instruction, and the kernel runs at the speed
+  // the weight streams in (1.8-2.8x oneDNN's AMX product at 8 rows).
   constexpr int64_t kBf16MaxRows = 4;
   if (dtype == at::kBFloat16) {
     return m <= kBf16MaxRows ||

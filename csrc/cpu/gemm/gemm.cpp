@@ -165,7 +165,7 @@ void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, con
   // bf16 on AMX tiles where the CPU and the OS allow them (gemv_amx.cpp): whole tiles of 16
   // weight rows there, the last rows of the weight (n mod 16) on the vector kernel.
   std::vector<uint32_t> x_tiles;
-  if (type == ElementType::bfloat16 && uses_amx_gemv(isa, k)) {
+  if (type == ElementType::bfloat16 && uses_amx_gemv(isa, m, k)) {
     x_tiles.resize(static_cast<size_t>(amx_packed_input_units(m, k)));
     amx_pack_input(static_cast<const uint16_t*>(x), static_cast<int>(m), k, x_tiles.data());
   }
@@ -180,8 +180,8 @@ void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, con
   });
 }
 
-bool uses_amx_gemv(CpuIsa isa, int64_t k) {
-  return isa == CpuIsa::avx512 && k >= kAmxStepK && amx_available();
+bool uses_amx_gemv(CpuIsa isa, int64_t m, int64_t k) {
+  return isa == CpuIsa::avx512 && m >= kAmxMinRows && k >= kAmxStepK && amx_available();
 }
 
 }  // namespace chainrule::cpu::gemm

@@ -71,11 +71,13 @@ void run(const Problem& problem, CpuIsa isa);
 constexpr int64_t kGemvMaxRows = 8;
 bool gemv_supports(CpuIsa isa);
 // AMX: the CPU has AMX-BF16 tiles and the OS granted this process their state (asked once, on
-// the first call). gemv's bf16 product runs on the tiles (csrc/cpu/gemm/gemv_amx.cpp) with ISA
-// avx512 and k >= kAmxStepK, the values of k one tile row holds.
+// the first call). gemv's bf16 product of m >= kAmxMinRows rows runs on the tiles
+// (csrc/cpu/gemm/gemv_amx.cpp) with ISA avx512 and k >= kAmxStepK, the values of k one tile row
+// holds. Of 1-3 rows the vector kernel kept up (docs/cpu_gemm.md, "Small batches: the GEMV").
 constexpr int64_t kAmxStepK = 32;
+constexpr int64_t kAmxMinRows = 4;
 bool amx_available();
-bool uses_amx_gemv(CpuIsa isa, int64_t k);
+bool uses_amx_gemv(CpuIsa isa, int64_t m, int64_t k);
 void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
           int64_t n, float* acc);
 
