@@ -22,7 +22,6 @@ CpuTraits read_cpu_traits() {
   CpuTraits t;
   unsigned r[4];
   cpuid(0, 0, r);
-  const unsigned max_leaf = r[0];
   char vendor[13] = {};
   std::memcpy(vendor, &r[1], 4);
   std::memcpy(vendor + 4, &r[3], 4);
@@ -37,7 +36,7 @@ CpuTraits read_cpu_traits() {
                                  : base_model);
   t.avx512_bf16 = cpu_has_avx512_bf16();
   // AMX-BF16 tiles (cpuid leaf 7) whose state the OS granted this process.
-  t.amx_bf16 = max_leaf >= 7 && gemm::amx_available();
+  t.amx_bf16 = gemm::amx_available();
   return t;
 }
 

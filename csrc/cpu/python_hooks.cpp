@@ -253,14 +253,15 @@ void add_python_hooks(pybind11::module_& m) {
   m.def("_cpu_gemv_kernel",
         [](const std::string& dtype, int64_t m, int64_t k) {
           const CpuIsa isa = active_isa();
-          TORCH_CHECK(gemm::gemv_supports(isa), "chainrule._C._cpu_gemv_kernel: no GEMV for CPU ISA ",
-                      isa_name(isa));
-          const bool amx = dtype_from_name(dtype) == at::kBFloat16 && gemm::uses_amx_gemv(isa, m, k);
+          TORCH_CHECK(gemm::gemv_supports(isa),
+                      "chainrule._C._cpu_gemv_kernel: no GEMV for CPU ISA ", isa_name(isa));
+          const bool amx =
+              dtype_from_name(dtype) == at::kBFloat16 && gemm::uses_amx_gemv(isa, m, k);
           return std::string(amx ? "amx" : isa_name(isa));
         },
         pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("k"),
-        "The kernel our GEMV runs for m rows of this dtype and in_features with the active ISA: 'amx' "
-        "(bf16 on AMX tiles), 'avx512' or 'avx2'");
+        "The kernel our GEMV runs for m rows of this dtype and in_features with the active ISA: "
+        "'amx' (bf16 on AMX tiles), 'avx512' or 'avx2'");
   m.def("_choose_cpu_gemv",
         [](const std::string& vendor, const std::string& isa, const std::string& dtype,
            int64_t m, int64_t n, int64_t k, bool amx_bf16) {

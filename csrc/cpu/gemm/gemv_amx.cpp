@@ -2,7 +2,7 @@
 // the only translation unit compiled with -mamx-tile -mamx-bf16, entered only where cpuid shows
 // the tiles and Linux has granted this process their state (amx_available()).
 //
-// acc(i, j) = Σ_p x(i, p) · w(j, p) is computed transposed, accᵀ = W · Xᵀ, so that W is the A
+// acc(i, j) = Σ_p x(i, p) · w(j, p) is computed transposed, accᵀ = W · Xᵀ, so W is the A
 // operand of TDPBF16PS: an A tile is 16 weight rows x 32 values of k, loaded straight from the
 // weight with its row stride (no packing of the big operand, as in the vector GEMV), and the B
 // tile of each 32-wide step of k is the m input rows packed once per call by amx_pack_input
@@ -65,7 +65,9 @@ void write_rows(const float (*sums)[kTileRows], int rows, const uint16_t* x, int
     const uint16_t* w_row = w + (j + r) * k;
     for (int i = 0; i < m; ++i) {
       float s = sums[r][i];
-      for (int64_t p = k_tiles; p < k; ++p) s += bf16_to_float(x[i * k + p]) * bf16_to_float(w_row[p]);
+      for (int64_t p = k_tiles; p < k; ++p) {
+        s += bf16_to_float(x[i * k + p]) * bf16_to_float(w_row[p]);
+      }
       acc[i * ldacc + j + r] = s;
     }
   }
@@ -75,7 +77,11 @@ void write_rows(const float (*sums)[kTileRows], int rows, const uint16_t* x, int
 
 bool amx_available() {
   static const bool available = [] {
-    unsigned eax = 7, ebx = 0, ecx = 0, edx = 0;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (eax < 7) return false;  // no leaf 7: no AMX
+    eax = 7;
+    ecx = 0;
     __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
     // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
     if (!((edx >> 22) & 1u) || !((edx >> 24) & 1u)) return false;
