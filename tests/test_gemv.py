@@ -42,6 +42,12 @@ def test_rule():
                 on_tiles = m <= MAX_ROWS and (m <= 4 or isa == "avx512")
                 assert gemv(vendor, isa, "bfloat16", m, 1024, 1024, amx_bf16=True) == on_tiles
                 assert gemv(vendor, isa, "bfloat16", m, 4096, 31, amx_bf16=True) == (m <= 4)
+            # on vdpbf16ps (AMD with AVX512_BF16, ISA avx512): every row count
+            for m in range(1, MAX_ROWS + 2):
+                dot = vendor == "amd" and isa == "avx512"
+                want = m <= MAX_ROWS and (m <= 4 or dot)
+                assert gemv(vendor, isa, "bfloat16", m, 1024, 1024, avx512_bf16=True) == want
+                assert gemv(vendor, isa, "bfloat16", m, 4096, 31, avx512_bf16=True) == want
             assert gemv(vendor, isa, "bfloat16", 4, 256, 256)  # 2^16 weights
             assert not gemv(vendor, isa, "bfloat16", 1, 255, 256)  # below 2^16 weights
             assert not gemv(vendor, isa, "bfloat16", 0, 1024, 1024)
@@ -87,17 +93,20 @@ def test_kernel_is_the_same_at_any_thread_count(isa, m):
         assert torch.equal(r, results[0])
 
 
-def test_bf16_runs_on_amx_tiles_where_the_cpu_has_them(isa):
+def test_bf16_kernel_where_the_cpu_has_amx_tiles_or_avx512_bf16(isa):
     """The kernel a bf16 product takes: AMX tiles for 4-8 rows with ISA avx512 on a CPU (and OS)
-    that has them and k >= 32, the vector kernel of the ISA otherwise; float32 never takes the
-    tiles. Where the tiles run, test_kernel_against_float64 holds them to the bound (its rows run
-    1-8 and its K and N include every tail: K mod 32 on scalar code, N mod 16 on the vector
-    kernel)."""
-    amx = C._cpu_traits()["amx_bf16"]
+    that has them and k >= 32; else vdpbf16ps ('avx512_bf16') on an AMD CPU with AVX512_BF16 and
+    ISA avx512; else the ISA's vector kernel, which widens the weight; float32 takes neither.
+    Where the tiles or vdpbf16ps run, test_kernel_against_float64 holds them to the bound (its
+    rows run 1-8 and its K and N include every tail: K mod 32 on scalar code or masked loads, N
+    mod 16 on the vector kernel)."""
+    traits = C._cpu_traits()
+    dot = traits["vendor"] == "amd" and traits["avx512_bf16"] and isa == "avx512"
+    vector = "avx512_bf16" if dot else isa
     for m in range(1, MAX_ROWS + 1):
-        tiles = amx and isa == "avx512" and m >= 4
-        assert C._cpu_gemv_kernel("bfloat16", m, 1024) == ("amx" if tiles else isa), m
-        assert C._cpu_gemv_kernel("bfloat16", m, 31) == isa
+        tiles = traits["amx_bf16"] and isa == "avx512" and m >= 4
+        assert C._cpu_gemv_kernel("bfloat16", m, 1024) == ("amx" if tiles else vector), m
+        assert C._cpu_gemv_kernel("bfloat16", m, 31) == vector
         assert C._cpu_gemv_kernel("float32", m, 1024) == isa
 
 
@@ -118,7 +127,8 @@ def test_layer_on_the_gemv(isa, dtype, activation):
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     traits = C._cpu_traits()
     expected_path = "gemv" if C._choose_cpu_gemv(traits["vendor"], isa, name, m, n, k,
-                                                 amx_bf16=traits["amx_bf16"]) \
+                                                 amx_bf16=traits["amx_bf16"],
+                                                 avx512_bf16=traits["avx512_bf16"]) \
         else C._cpu_gemm_path(name, False, m, n, k)
     assert C._cpu_gemm_path(name, False, m, n, k) == expected_path
     torch.manual_seed(0)

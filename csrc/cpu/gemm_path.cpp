@@ -144,14 +144,16 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
     return false;
   }
   // The measurements behind each branch: docs/cpu_gemm.md, "Small batches: the GEMV".
-  // bf16: up to 4 rows on the vector kernel. From 5 it is bound by its FMAs on the widened
-  // weights, and oneDNN's product kept up (the kernel alone 0.95-1.18x at 8 rows of 1024x1024 and
+  // bf16: up to 4 rows on the vector kernel that widens the weight. From 5 it is bound by its
+  // FMAs, and oneDNN's product kept up (the kernel alone 0.95-1.18x at 8 rows of 1024x1024 and
   // 768x3072 on an AMX Xeon). Where the CPU has AMX tiles (ISA avx512, k >= 32), 4-8 rows run on
   // them: 16 weight rows x 32 of k x m rows is one instruction, and the kernel runs at the speed
-  // the weight streams in (1.8-2.8x oneDNN's AMX product at 8 rows).
+  // the weight streams in (1.8-2.8x oneDNN's AMX product at 8 rows). Where the kernel runs on
+  // vdpbf16ps (bf16_dot_gemv), it multiplies twice the values of k per instruction and every row
+  // count takes it.
   constexpr int64_t kBf16MaxRows = 4;
   if (dtype == at::kBFloat16) {
-    return m <= kBf16MaxRows ||
+    return m <= kBf16MaxRows || bf16_dot_gemv(cpu, isa) ||
            (cpu.amx_bf16 && isa == CpuIsa::avx512 && k >= gemm::kAmxStepK);
   }
   if (dtype != at::kFloat) return false;
@@ -163,6 +165,16 @@ bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t
   if (cpu.vendor == CpuTraits::Vendor::amd) return true;
   return cpu.vendor == CpuTraits::Vendor::intel && m >= kIntelMinRows;
 }
+
+bool bf16_dot_gemv(const CpuTraits& cpu, CpuIsa isa) {
+  // AMD's Zen 4 and Zen 5 run vdpbf16ps at the rate of an FMA (probe: 463 against 232 GFLOP/s on
+  // a Zen 4), so one instruction does the work of two FMAs and the widening: 1.01-1.75x the
+  // widened kernel there at 1-8 rows (docs/cpu_gemm.md). Intel's run it on one port, at half the
+  // rate of its FMAs (214 against 427 GFLOP/s on an AMX Xeon), where it was not measured.
+  return cpu.vendor == CpuTraits::Vendor::amd && cpu.avx512_bf16 && isa == CpuIsa::avx512;
+}
+
+bool uses_bf16_dot_gemv(CpuIsa isa) { return bf16_dot_gemv(cpu_traits(), isa); }
 
 bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
   if (gemm_path_mode() == GemmPathMode::aten) return false;

@@ -62,14 +62,18 @@ bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bo
 // streamed once, no packing) instead of the GEMM the rule picks: float32 on AMD (MKL's small-m
 // products ran far behind there) and on Intel from 4 rows (MKL's 4-row product took twice its
 // 1-row time; other vendors unmeasured), and bfloat16 of at most 4 rows on every CPU (oneDNN's
-// and the widened path's small-m bf16 products ran at a fraction of the memory bandwidth), once
-// the weight holds at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in
-// auto and ours mode.
+// and the widened path's small-m bf16 products ran at a fraction of the memory bandwidth), of
+// 4-8 on AMX tiles, of every row count where the GEMV runs on vdpbf16ps; once the weight holds
+// at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in auto and ours mode.
 // choose_gemv is the rule, uses_gemv this process's answer.
 constexpr int64_t kGemvMinWeights = int64_t(1) << 16;
 bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,
                  int64_t k);
 bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k);
+// Whether the GEMV's bf16 product (off the AMX tiles) runs on vdpbf16ps rather than widening the
+// weight for FMAs: on AMD CPUs with AVX512_BF16, ISA avx512 (gemm::gemv's bf16_dot).
+bool bf16_dot_gemv(const CpuTraits& cpu, CpuIsa isa);
+bool uses_bf16_dot_gemv(CpuIsa isa);
 void set_small_layers_to_torch(bool enabled);
 
 // The element type our GEMM runs `dtype` in on `isa`, or nullopt where our kernels cannot run it

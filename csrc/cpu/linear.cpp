@@ -441,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& input, const
     at::Tensor acc = at::empty({M, N}, input.options().dtype(at::kFloat));
     gemm::gemv(dtype == at::kFloat ? gemm::ElementType::float32 : gemm::ElementType::bfloat16,
                isa, input_rows.const_data_ptr(), M, K, weight.contiguous().const_data_ptr(), N,
-               acc.mutable_data_ptr<float>());
+               acc.mutable_data_ptr<float>(), uses_bf16_dot_gemv(isa));
     return forward_from_accumulators(acc, bias, act, keep_pre, input.options(), out_sizes);
   }
   if (auto type = our_gemm_type(dtype, isa);

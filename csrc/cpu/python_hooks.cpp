@@ -84,7 +84,7 @@ at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
   gemm::gemv(x.scalar_type() == at::kFloat ? gemm::ElementType::float32
                                            : gemm::ElementType::bfloat16,
              isa, x_c.const_data_ptr(), x.size(0), x.size(1), w_c.const_data_ptr(), w.size(0),
-             acc.mutable_data_ptr<float>());
+             acc.mutable_data_ptr<float>(), uses_bf16_dot_gemv(isa));
   return acc;
 }
 
@@ -255,23 +255,26 @@ void add_python_hooks(pybind11::module_& m) {
           const CpuIsa isa = active_isa();
           TORCH_CHECK(gemm::gemv_supports(isa),
                       "chainrule._C._cpu_gemv_kernel: no GEMV for CPU ISA ", isa_name(isa));
-          const bool amx =
-              dtype_from_name(dtype) == at::kBFloat16 && gemm::uses_amx_gemv(isa, m, k);
-          return std::string(amx ? "amx" : isa_name(isa));
+          const bool bf16 = dtype_from_name(dtype) == at::kBFloat16;
+          if (bf16 && gemm::uses_amx_gemv(isa, m, k)) return std::string("amx");
+          if (bf16 && uses_bf16_dot_gemv(isa)) return std::string("avx512_bf16");
+          return std::string(isa_name(isa));
         },
         pybind11::arg("dtype"), pybind11::arg("m"), pybind11::arg("k"),
         "The kernel our GEMV runs for m rows of this dtype and in_features with the active ISA: "
-        "'amx' (bf16 on AMX tiles), 'avx512' or 'avx2'");
+        "'amx' (bf16 on AMX tiles), 'avx512_bf16' (bf16 on vdpbf16ps), 'avx512' or 'avx2'");
   m.def("_choose_cpu_gemv",
         [](const std::string& vendor, const std::string& isa, const std::string& dtype,
-           int64_t m, int64_t n, int64_t k, bool amx_bf16) {
+           int64_t m, int64_t n, int64_t k, bool amx_bf16, bool avx512_bf16) {
           CpuTraits cpu;
           cpu.vendor = vendor_from_name(vendor);
           cpu.amx_bf16 = amx_bf16;
+          cpu.avx512_bf16 = avx512_bf16;
           return choose_gemv(cpu, isa_from_name(isa), dtype_from_name(dtype), m, n, k);
         },
         pybind11::arg("vendor"), pybind11::arg("isa"), pybind11::arg("dtype"), pybind11::arg("m"),
         pybind11::arg("n"), pybind11::arg("k"), pybind11::arg("amx_bf16") = false,
+        pybind11::arg("avx512_bf16") = false,
         "The GEMV rule for a described CPU and ISA: whether a forward of m rows takes it");
   m.def("_cpu_prefers_torch_ops",
         [](const std::string& dtype, int64_t m, int64_t n, int64_t k, bool accumulate,

@@ -140,13 +140,17 @@ void run(const Problem& p, CpuIsa isa) {
 bool gemv_supports(CpuIsa isa) { return isa == CpuIsa::avx512 || isa == CpuIsa::avx2; }
 
 void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
-          int64_t n, float* acc) {
+          int64_t n, float* acc, bool bf16_dot) {
   TORCH_INTERNAL_ASSERT(gemv_supports(isa) && m >= 1 && m <= kGemvMaxRows && k > 0 && n > 0);
-  const GemvFn fn = isa == CpuIsa::avx512 ? avx512_gemv(type) : avx2_gemv(type);
-  // The input rows in float32 (bf16 widened exactly): m x k, a few KiB.
+  const bool dot = type == ElementType::bfloat16 && bf16_dot;
+  TORCH_INTERNAL_ASSERT(!dot || (isa == CpuIsa::avx512 && cpu_has_avx512_bf16()));
+  const GemvFn fn = dot                      ? avx512_gemv_bf16_dot()
+                    : isa == CpuIsa::avx512 ? avx512_gemv(type)
+                                            : avx2_gemv(type);
+  // The widened kernels take the input rows in float32 (bf16 widened exactly): m x k, a few KiB.
   std::vector<float> x_f32;
-  const float* xf = static_cast<const float*>(x);
-  if (type == ElementType::bfloat16) {
+  const void* xf = x;
+  if (type == ElementType::bfloat16 && !dot) {
     x_f32.resize(static_cast<size_t>(m * k));
     const uint16_t* bits = static_cast<const uint16_t*>(x);
     for (int64_t i = 0; i < m * k; ++i) {

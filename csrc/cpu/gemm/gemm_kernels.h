@@ -41,11 +41,14 @@ const KernelSet* avx512_kernels(ElementType type);
 const KernelSet* avx2_kernels(ElementType type);
 
 // gemv's per-ISA part (gemv_kernel.h): acc(i, j) for the weight rows [j0, j1), m <= kGemvMaxRows
-// rows of float32 input x; w holds float or bf16 bits by the function's element type.
-using GemvFn = void (*)(const float* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
+// rows of input x; w holds float or bf16 bits by the function's element type. x is float32
+// (bf16 widened) for avx512_gemv / avx2_gemv, bf16 bits for avx512_gemv_bf16_dot (vdpbf16ps:
+// needs AVX512_BF16).
+using GemvFn = void (*)(const void* x, int m, int64_t k, const void* w, int64_t j0, int64_t j1,
                         float* acc, int64_t ldacc);
 GemvFn avx512_gemv(ElementType type);
 GemvFn avx2_gemv(ElementType type);
+GemvFn avx512_gemv_bf16_dot();
 
 // The bf16 GEMV on AMX tiles (gemv_amx.cpp). amx_pack_input: the m <= 16 input rows as the B
 // tile of each 32-wide step of k, amx_packed_input_units(m, k) units. amx_gemv_bf16: acc(i, j)
