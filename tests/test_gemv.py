@@ -61,20 +61,29 @@ def test_rule():
         assert not gemv(vendor, "fallback", "bfloat16", 1, 1024, 1024)
 
 
+def bf16_kernels(isa):
+    """The bf16 kernels off the AMX tiles this CPU can run with the ISA: the widened one, and
+    vdpbf16ps where it has AVX512_BF16 (whichever the rule picks)."""
+    return [False, True] if isa == "avx512" and C._cpu_has_avx512_bf16() else [False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,n", SHAPES, ids=str)
 def test_kernel_against_float64(isa, dtype, k, n):
     """Float32 sums of the (exactly widened) inputs: within float32's accumulation error of the
-    float64 product, for every row count, vector tail and row-block tail."""
+    float64 product, for every row count, vector tail and row-block tail; bf16 on each kernel
+    the CPU can run."""
     torch.manual_seed(k * 31 + n)
     for m in range(1, MAX_ROWS + 1):
         x = torch.randn(m, k).to(dtype)
         w = torch.randn(n, k).to(dtype)
-        acc = C._cpu_gemv(x, w)
-        assert acc.dtype == torch.float32 and acc.shape == (m, n)
         ref = x.double() @ w.double().t()
         bound = 4 * k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
-        assert ((acc.double() - ref).abs() <= bound + 1e-30).all(), (m, k, n)
+        # None: the rule's kernel (AMX tiles where the CPU has them)
+        for dot in [None, *bf16_kernels(isa)] if dtype == torch.bfloat16 else [None]:
+            acc = C._cpu_gemv(x, w, bf16_dot=dot)
+            assert acc.dtype == torch.float32 and acc.shape == (m, n)
+            assert ((acc.double() - ref).abs() <= bound + 1e-30).all(), (m, k, n, dot)
 
 
 @pytest.mark.parametrize("m", [3, 7])
@@ -108,6 +117,16 @@ def test_bf16_kernel_where_the_cpu_has_amx_tiles_or_avx512_bf16(isa):
         assert C._cpu_gemv_kernel("bfloat16", m, 1024) == ("amx" if tiles else vector), m
         assert C._cpu_gemv_kernel("bfloat16", m, 31) == vector
         assert C._cpu_gemv_kernel("float32", m, 1024) == isa
+
+
+def test_bf16_dot_is_refused_where_the_cpu_cannot_run_it(isa):
+    x, w = torch.ones(2, 64).bfloat16(), torch.ones(3, 64).bfloat16()
+    if True in bf16_kernels(isa):
+        assert torch.equal(C._cpu_gemv(x, w, bf16_dot=True), torch.full((2, 3), 64.0))
+    else:
+        with pytest.raises(RuntimeError, match="bf16_dot=True needs ISA avx512 on a CPU with "
+                                               "AVX512_BF16"):
+            C._cpu_gemv(x, w, bf16_dot=True)
 
 
 def test_kernel_refuses_what_it_cannot_run():

@@ -68,7 +68,8 @@ at::Tensor gemm_for_python(const at::Tensor& a, const at::Tensor& b) {
 
 // acc = X · Wᵀ in float32 for float32 / bfloat16 X (m x k, m <= 8) and W (n x k), on our GEMV
 // with the active ISA: the kernel alone, for tests on any CPU (the rule decides where it runs).
-at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w,
+                           std::optional<bool> bf16_dot) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) > 0 &&
                   x.size(0) >= 1 && x.size(0) <= gemm::kGemvMaxRows && w.size(0) > 0,
               "chainrule._C._cpu_gemv: expected (m, k) and (n, k) matrices with 1 <= m <= ",
@@ -79,12 +80,16 @@ at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w) {
   const CpuIsa isa = active_isa();
   TORCH_CHECK(gemm::gemv_supports(isa), "chainrule._C._cpu_gemv: no GEMV for CPU ISA ",
               isa_name(isa));
+  const bool dot = bf16_dot.value_or(uses_bf16_dot_gemv(isa));
+  TORCH_CHECK(!dot || (isa == CpuIsa::avx512 && cpu_has_avx512_bf16()),
+              "chainrule._C._cpu_gemv: bf16_dot=True needs ISA avx512 on a CPU with AVX512_BF16, "
+              "got ISA ", isa_name(isa), ", AVX512_BF16 ", cpu_has_avx512_bf16() ? "yes" : "no");
   at::Tensor x_c = x.contiguous(), w_c = w.contiguous();
   at::Tensor acc = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
   gemm::gemv(x.scalar_type() == at::kFloat ? gemm::ElementType::float32
                                            : gemm::ElementType::bfloat16,
              isa, x_c.const_data_ptr(), x.size(0), x.size(1), w_c.const_data_ptr(), w.size(0),
-             acc.mutable_data_ptr<float>(), uses_bf16_dot_gemv(isa));
+             acc.mutable_data_ptr<float>(), dot);
   return acc;
 }
 
@@ -249,7 +254,10 @@ void add_python_hooks(pybind11::module_& m) {
         },
         "The path rule for a described CPU: ('ours' | 'aten', whether ATen's path multiplies "
         "bf16/fp16 as they are)");
-  m.def("_cpu_gemv", &gemv_for_python, "X · Wᵀ (float32 sums) on our GEMV, active ISA");
+  m.def("_cpu_gemv", &gemv_for_python, pybind11::arg("x"), pybind11::arg("w"),
+        pybind11::arg("bf16_dot").none(true) = pybind11::none(),
+        "X · Wᵀ (float32 sums) on our GEMV, active ISA; bf16_dot (None: the rule) picks the bf16 "
+        "kernel off the AMX tiles, vdpbf16ps or the widened one");
   m.def("_cpu_gemv_kernel",
         [](const std::string& dtype, int64_t m, int64_t k) {
           const CpuIsa isa = active_isa();
