@@ -81,7 +81,7 @@ at::Tensor gemv_for_python(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(gemm::gemv_supports(isa), "chainrule._C._cpu_gemv: no GEMV for CPU ISA ",
               isa_name(isa));
   const bool dot = bf16_dot.value_or(uses_bf16_dot_gemv(isa));
-  TORCH_CHECK(!dot || (isa == CpuIsa::avx512 && cpu_has_avx512_bf16()),
+  TORCH_CHECK(!dot || gemm::gemv_bf16_dot_supports(isa),
               "chainrule._C._cpu_gemv: bf16_dot=True needs ISA avx512 on a CPU with AVX512_BF16, "
               "got ISA ", isa_name(isa), ", AVX512_BF16 ", cpu_has_avx512_bf16() ? "yes" : "no");
   at::Tensor x_c = x.contiguous(), w_c = w.contiguous();

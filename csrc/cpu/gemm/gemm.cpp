@@ -139,11 +139,15 @@ void run(const Problem& p, CpuIsa isa) {
 
 bool gemv_supports(CpuIsa isa) { return isa == CpuIsa::avx512 || isa == CpuIsa::avx2; }
 
+bool gemv_bf16_dot_supports(CpuIsa isa) {
+  return isa == CpuIsa::avx512 && cpu_has_avx512_bf16();
+}
+
 void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
           int64_t n, float* acc, bool bf16_dot) {
   TORCH_INTERNAL_ASSERT(gemv_supports(isa) && m >= 1 && m <= kGemvMaxRows && k > 0 && n > 0);
   const bool dot = type == ElementType::bfloat16 && bf16_dot;
-  TORCH_INTERNAL_ASSERT(!dot || (isa == CpuIsa::avx512 && cpu_has_avx512_bf16()));
+  TORCH_INTERNAL_ASSERT(!dot || gemv_bf16_dot_supports(isa));
   const GemvFn fn = dot                      ? avx512_gemv_bf16_dot()
                     : isa == CpuIsa::avx512 ? avx512_gemv(type)
                                             : avx2_gemv(type);

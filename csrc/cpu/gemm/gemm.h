@@ -79,8 +79,9 @@ constexpr int64_t kAmxMinRows = 4;
 bool amx_available();
 bool uses_amx_gemv(CpuIsa isa, int64_t m, int64_t k);
 // bf16_dot: a bf16 product not on the tiles runs on vdpbf16ps (the input rows kept bf16) instead
-// of widening the weight for FMAs; needs ISA avx512 and AVX512_BF16 (the caller's rule:
-// gemm_path.h, uses_bf16_dot_gemv).
+// of widening the weight for FMAs; needs gemv_bf16_dot_supports(isa): ISA avx512 on a CPU with
+// AVX512_BF16 (where it is faster is the caller's rule: gemm_path.h, uses_bf16_dot_gemv).
+bool gemv_bf16_dot_supports(CpuIsa isa);
 void gemv(ElementType type, CpuIsa isa, const void* x, int64_t m, int64_t k, const void* w,
           int64_t n, float* acc, bool bf16_dot = false);
 

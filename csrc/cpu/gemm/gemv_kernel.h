@@ -40,7 +40,7 @@ struct GemvWidened {
   static XReg madd(WReg w, XReg x, XReg acc) { return Io::V::fma(w, x, acc); }
 };
 
-// The input rows are read in chunks of k whose M x chunk floats stay in L1 (kGemvChunkBytes)
+// The input rows are read in chunks of k whose M x chunk values stay in L1 (kGemvChunkBytes)
 // while the weight rows stream past: without chunks, from M x K floats past L1 (8 x 4096), every
 // block of weight rows read the input rows again from L2. Weight rows go in panels of
 // kGemvPanelRows; a panel's vector accumulators stay in `state` between chunks, so each output is
@@ -113,12 +113,12 @@ inline void gemv_rows_m(const typename Step::X* x, int64_t k, const typename Ste
       const bool first = p0 == 0, last = p1 == k;
       int64_t j = panel;
       for (; j + R <= panel_end; j += R) {
-        gemv_block<Io, Step, M, R>(x, k, p0, p1, w + j * k, state + (j - panel) * M * W, first, last,
-                             acc + j, ldacc);
+        gemv_block<Io, Step, M, R>(x, k, p0, p1, w + j * k, state + (j - panel) * M * W, first,
+                                   last, acc + j, ldacc);
       }
       for (; j < panel_end; ++j) {
-        gemv_block<Io, Step, M, 1>(x, k, p0, p1, w + j * k, state + (j - panel) * M * W, first, last,
-                             acc + j, ldacc);
+        gemv_block<Io, Step, M, 1>(x, k, p0, p1, w + j * k, state + (j - panel) * M * W, first,
+                                   last, acc + j, ldacc);
       }
     }
   }
