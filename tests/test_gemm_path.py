@@ -87,7 +87,7 @@ def test_switch_forces_a_path_and_back():
         C._set_cpu_gemm("ours")
         assert chainrule.backends.cpu_gemm_mode() == "ours"
         expected = "ours" if fp32_ours else "aten"
-        assert chainrule.backends.cpu_gemm_path(1, 64, 64) == expected
+        assert chainrule.backends.cpu_gemm_path(64, 64, 64) == expected
         assert chainrule.backends.cpu_gemm_path(1, 64, 64, torch.float64) == "aten"
         C._set_cpu_gemm("aten")
         assert chainrule.backends.cpu_gemm_path(4096, 4096, 4096) == "aten"
@@ -199,7 +199,7 @@ def test_torch_ops_check_answers_false_for_what_the_op_must_see():
     only for a valid layer of plain CPU tensors that prefers_torch_ops gives to torch; anything
     else goes on to the op, whose checks name what is wrong (tests/test_errors.py)."""
     def check(x, w, b, accumulate, activation=None):
-        return C._linear_as_torch_ops(x, w, b, activation, accumulate) is not None
+        return C._linear_first_step(x, w, b, activation, accumulate) is not None
 
     class Sub(torch.Tensor):
         pass
@@ -267,7 +267,7 @@ def test_torch_ops_result_is_torch_own(activation):
     w, b = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
     C._set_cpu_small_layers_to_torch(True)
     try:
-        y = C._linear_as_torch_ops(x, w, b, activation, False)
+        y = C._linear_first_step(x, w, b, activation, False)
     finally:
         C._set_cpu_small_layers_to_torch(False)
     assert y is not None and y.requires_grad
@@ -277,3 +277,70 @@ def test_torch_ops_result_is_torch_own(activation):
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     for got, want in zip(ours, torch.autograd.grad(ref, inputs, torch.ones_like(ref))):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+NO_GRAD_SHAPES = [(1, 64, 64), (8, 64, 33), (3, 1024, 1024), (8, 768, 3072), (64, 256, 256),
+                  (257, 129, 65)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_no_grad_call_runs_the_forward_kernel_directly(dtype, activation):
+    """In auto mode, a call that needs no gradient and that prefers_torch_ops leaves to chainrule
+    comes back from the first step computed by chainrule.linear_forward's CPU kernel without the
+    dispatcher: the op's result bit for bit, for any leading dimensions and any strides. With a
+    gradient, or while a TorchDispatchMode is active (which must see the op), the step gives
+    nothing, and the op runs."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}[dtype]
+    act = "none" if activation is None else activation
+    C._set_cpu_small_layers_to_torch(True)
+    try:
+        for m, k, n in NO_GRAD_SHAPES:
+            torch.manual_seed(m + k + n)
+            w = torch.nn.Parameter(torch.randn(n, k).to(dtype))
+            b = torch.nn.Parameter(torch.randn(n).to(dtype))
+            for x in (torch.randn(m, k).to(dtype), torch.randn(1, m, k).to(dtype),
+                      torch.randn(k, m).to(dtype).t()):
+                torch_ops = C._cpu_prefers_torch_ops(name, m, n, k, False, False)
+                with torch.no_grad():
+                    y = C._linear_first_step(x, w, b, activation, False)
+                    want = torch.ops.chainrule.linear_forward(x, w, b, act, False)[0]
+                    with RecordOps():
+                        seen = C._linear_first_step(x, w, b, activation, False)
+                if torch_ops:
+                    assert y is not None and seen is not None
+                    continue
+                assert y is not None and not y.requires_grad, (m, k, n)
+                assert seen is None, (m, k, n)
+                assert y.shape == want.shape and torch.equal(y, want), (m, k, n, x.shape)
+                with torch.enable_grad():
+                    stays = C._linear_first_step(x, w, b, activation, False)
+                assert stays is None or C._cpu_prefers_torch_ops(name, m, n, k, False, True)
+        C._set_cpu_gemm("ours")  # a forced mode: every call to the op
+        with torch.no_grad():
+            assert C._linear_first_step(torch.randn(3, 1024), torch.randn(1024, 1024), None,
+                                        activation, False) is None
+    finally:
+        C._set_cpu_gemm(None)
+        C._set_cpu_small_layers_to_torch(False)
+
+
+def test_no_grad_direct_call_names_errors_as_the_op_does():
+    """The first step's direct call checks as the op does: what it cannot take (a non-finite
+    shape aside, every invalid input is left to the op, tests/test_errors.py) raises the op's
+    error, naming chainrule.linear_forward."""
+    x = torch.randn(2, 1024)
+    w = torch.randn(1024, 1024)
+    C._set_cpu_small_layers_to_torch(True)
+    try:
+        with torch.no_grad():
+            assert C._linear_first_step(x, w, None, None, False) is not None
+            with pytest.raises(ValueError, match="activation"):
+                linear(x, w, None, "tanh")
+            with pytest.raises(RuntimeError, match=r"chainrule.linear_forward: input's last "
+                                                   r"dimension \(1023\) must equal"):
+                linear(x[:, :1023], w)
+            with pytest.raises(RuntimeError, match="chainrule.linear_forward: bias must be 1-D"):
+                linear(x, w, torch.randn(1023))
+    finally:
+        C._set_cpu_small_layers_to_torch(False)

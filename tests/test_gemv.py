@@ -48,8 +48,10 @@ def test_rule():
                 want = m <= MAX_ROWS and (m <= 4 or dot)
                 assert gemv(vendor, isa, "bfloat16", m, 1024, 1024, avx512_bf16=True) == want
                 assert gemv(vendor, isa, "bfloat16", m, 4096, 31, avx512_bf16=True) == want
-            assert gemv(vendor, isa, "bfloat16", 4, 256, 256)  # 2^16 weights
-            assert not gemv(vendor, isa, "bfloat16", 1, 255, 256)  # below 2^16 weights
+            assert gemv(vendor, isa, "bfloat16", 4, 256, 256)
+            assert gemv(vendor, isa, "bfloat16", 1, 1, 1)  # every weight size
+            assert not gemv(vendor, isa, "bfloat16", 1, 0, 1024)
+            assert not gemv(vendor, isa, "bfloat16", 1, 1024, 0)
             assert not gemv(vendor, isa, "bfloat16", 0, 1024, 1024)
             assert not gemv(vendor, isa, "float16", 1, 1024, 1024)
             assert not gemv(vendor, isa, "float64", 1, 1024, 1024)

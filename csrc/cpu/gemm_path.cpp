@@ -139,8 +139,7 @@ bool small_layers_to_torch() {
 
 bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,
                  int64_t k) {
-  if (!gemm::gemv_supports(isa) || m < 1 || m > gemm::kGemvMaxRows || k < 1 ||
-      static_cast<double>(n) * static_cast<double>(k) < static_cast<double>(kGemvMinWeights)) {
+  if (!gemm::gemv_supports(isa) || m < 1 || m > gemm::kGemvMaxRows || k < 1 || n < 1) {
     return false;
   }
   // The measurements behind each branch: docs/cpu_gemm.md, "Small batches: the GEMV".
@@ -199,6 +198,10 @@ bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bo
   const bool ours = our_gemm_type(dtype, active_isa()).has_value();
   return gemm_path(dtype, ours, LinearPass::forward, m, n, k) == GemmPath::aten &&
          gemm_path(dtype, ours, LinearPass::backward, m, n, k) == GemmPath::aten;
+}
+
+bool calls_forward_kernel(bool needs_grad) {
+  return !needs_grad && small_layers_to_torch() && gemm_path_mode() == GemmPathMode::automatic;
 }
 
 bool parse_gemm_path_mode(std::string_view name, GemmPathMode* out) {

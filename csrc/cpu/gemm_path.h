@@ -54,19 +54,26 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // only while set_small_layers_to_torch(true) (the default, unless CHAINRULE_CPU_TORCH_OPS=0; the
 // test suite turns it off to test chainrule's own code at every size).
 // A forward that takes our GEMV (uses_gemv) and needs no gradient is the exception: decoding runs
-// faster on chainrule's op than on torch's.
+// faster on chainrule's kernel than on torch's, at every weight size (calls_forward_kernel).
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
                        bool needs_grad = true);
+
+// Whether chainrule.functional.linear computes a CPU layer that prefers_torch_ops leaves to
+// chainrule by calling chainrule.linear_forward's CPU kernel itself, behind the op's checks, but
+// without the dispatcher and the Python op call (~5 µs, more than the GEMV of a small weight
+// takes): when it needs no gradient, under the same switches as prefers_torch_ops. The result is
+// the op's, bit for bit.
+bool calls_forward_kernel(bool needs_grad);
 
 // Whether a forward of m <= gemm::kGemvMaxRows rows runs on our GEMV (gemm::gemv: the weight
 // streamed once, no packing) instead of the GEMM the rule picks: float32 on AMD (MKL's small-m
 // products ran far behind there) and on Intel from 4 rows (MKL's 4-row product took twice its
 // 1-row time; other vendors unmeasured), and bfloat16 of at most 4 rows on every CPU (oneDNN's
 // and the widened path's small-m bf16 products ran at a fraction of the memory bandwidth), of
-// 4-8 on AMX tiles, of every row count where the GEMV runs on vdpbf16ps; once the weight holds
-// at least kGemvMinWeights values; where the ISA has a GEMV (avx512, avx2); in auto and ours mode.
+// 4-8 on AMX tiles, of every row count where the GEMV runs on vdpbf16ps; at every weight size
+// (the GEMV of a 64 x 64 weight takes ~0.2 µs, ATen's product microseconds, oneDNN's bf16 one
+// tens); where the ISA has a GEMV (avx512, avx2); in auto and ours mode.
 // choose_gemv is the rule, uses_gemv this process's answer.
-constexpr int64_t kGemvMinWeights = int64_t(1) << 16;
 bool choose_gemv(const CpuTraits& cpu, CpuIsa isa, at::ScalarType dtype, int64_t m, int64_t n,
                  int64_t k);
 bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k);

@@ -8,10 +8,12 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include "backend.h"
+#include "dispatch.h"
 
 #include "chainrule/activation.h"
 #include "cpu/gemm/gemm.h"
@@ -123,40 +125,55 @@ std::optional<Activation> activation_from_python(pybind11::handle activation) {
   return parsed;
 }
 
-// Is this a valid CPU layer (plain tensors, not subclasses such as DTensor) that torch's own
-// F.linear + activation runs at least as fast as chainrule's ops (prefers_torch_ops)?
-bool runs_as_torch_ops(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
-                       bool accumulate) {
-  if (!is_cpu_strided(x) || !is_cpu_strided(w) || w.dim() != 2 || x.dim() == 0) return false;
+// What chainrule.functional.linear's first step does with a call: nothing (the Python side goes
+// on to the op or the autograd.Function), run it as torch's own F.linear + activation
+// (prefers_torch_ops), or compute it with the CPU kernel of chainrule.linear_forward called
+// directly (calls_forward_kernel: a layer that needs no gradient).
+enum class FirstStep { none, torch_ops, forward_kernel };
+
+// Only for a valid CPU layer of plain tensors (not subclasses such as DTensor or FakeTensor).
+FirstStep first_step(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b,
+                     bool accumulate) {
+  if (!is_cpu_strided(x) || !is_cpu_strided(w) || w.dim() != 2 || x.dim() == 0) {
+    return FirstStep::none;
+  }
   const at::ScalarType dtype = x.scalar_type();
   const int64_t in_features = w.size(1), out_features = w.size(0);
-  if (x.size(-1) != in_features || w.scalar_type() != dtype) return false;
+  if (x.size(-1) != in_features || w.scalar_type() != dtype) return FirstStep::none;
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf &&
       dtype != at::kDouble) {
-    return false;
+    return FirstStep::none;
   }
   if (b && (!is_cpu_strided(*b) || b->dim() != 1 || b->size(0) != out_features ||
             b->scalar_type() != dtype)) {
-    return false;
+    return FirstStep::none;
   }
+  if (chainrule::host_backend() != chainrule::HostBackend::cpu) return FirstStep::none;
   const int64_t rows = in_features != 0 ? x.numel() / in_features : 0;
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (x.requires_grad() || w.requires_grad() || (b && b->requires_grad()));
-  return chainrule::host_backend() == chainrule::HostBackend::cpu &&
-         prefers_torch_ops(dtype, rows, out_features, in_features, accumulate, needs_grad);
+  if (prefers_torch_ops(dtype, rows, out_features, in_features, accumulate, needs_grad)) {
+    return FirstStep::torch_ops;
+  }
+  // A TorchDispatchMode (FlopCounterMode, a recorder) must see the op.
+  if (calls_forward_kernel(needs_grad) && !c10::impl::dispatch_mode_enabled()) {
+    return FirstStep::forward_kernel;
+  }
+  return FirstStep::none;
 }
 
-// chainrule.functional.linear's first step on every call: when runs_as_torch_ops says so, the
-// layer computed with the very ops F.linear and F.relu / F.gelu / F.silu call (at::linear and the
+// chainrule.functional.linear's first step on every call, as first_step says: the layer
+// computed with the very ops F.linear and F.relu / F.gelu / F.silu call (at::linear and the
 // activation, through the dispatcher, so autograd records them as it would from Python; not
-// linear.cpp's torch_activation, whose fixed out= blocks autograd cannot differentiate); None
+// linear.cpp's torch_activation, whose fixed out= blocks autograd cannot differentiate), or with
+// chainrule.linear_forward's CPU kernel behind the op's own checks, without the dispatcher; None
 // otherwise, and the Python side goes on: under autocast or a TorchFunctionMode (which must see
 // F.linear), with an activation name it does not know, and for inputs the op must check, whose
 // errors name what is wrong. One call from Python, arguments read in place: the same questions
 // asked in Python cost ~2 µs a call, more than a tiny layer's GEMM.
-pybind11::object linear_as_torch_ops(pybind11::handle input, pybind11::handle weight,
-                                     pybind11::handle bias, pybind11::handle activation,
-                                     bool accumulate) {
+pybind11::object linear_first_step(pybind11::handle input, pybind11::handle weight,
+                                   pybind11::handle bias, pybind11::handle activation,
+                                   bool accumulate) {
   const pybind11::object none = pybind11::none();
   if (!THPVariable_CheckExact(input.ptr()) || !THPVariable_CheckExact(weight.ptr())) return none;
   if (!bias.is_none() && !THPVariable_CheckExact(bias.ptr())) return none;
@@ -168,17 +185,24 @@ pybind11::object linear_as_torch_ops(pybind11::handle input, pybind11::handle we
   const at::Tensor& x = THPVariable_Unpack(input.ptr());
   const at::Tensor& w = THPVariable_Unpack(weight.ptr());
   const at::Tensor* b = bias.is_none() ? nullptr : &THPVariable_Unpack(bias.ptr());
-  if (!runs_as_torch_ops(x, w, b, accumulate)) return none;
+  const FirstStep step = first_step(x, w, b, accumulate);
+  if (step == FirstStep::none) return none;
+  const std::optional<at::Tensor> b_opt = b ? std::optional<at::Tensor>(*b) : std::nullopt;
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    const at::Tensor z = at::linear(x, w, b ? std::optional<at::Tensor>(*b) : std::nullopt);
-    switch (*act) {
-      case Activation::none: y = z; break;
-      case Activation::relu: y = at::relu(z); break;
-      case Activation::gelu: y = at::gelu(z); break;
-      case Activation::gelu_tanh: y = at::gelu(z, "tanh"); break;
-      case Activation::silu: y = at::silu(z); break;
+    if (step == FirstStep::forward_kernel) {
+      y = std::get<0>(checked_linear_forward<&cpu::linear_forward>(x, w, b_opt,
+                                                                   activation_name(*act), false));
+    } else {
+      const at::Tensor z = at::linear(x, w, b_opt);
+      switch (*act) {
+        case Activation::none: y = z; break;
+        case Activation::relu: y = at::relu(z); break;
+        case Activation::gelu: y = at::gelu(z); break;
+        case Activation::gelu_tanh: y = at::gelu(z, "tanh"); break;
+        case Activation::silu: y = at::silu(z); break;
+      }
     }
   }
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
@@ -293,11 +317,12 @@ void add_python_hooks(pybind11::module_& m) {
         pybind11::arg("accumulate"), pybind11::arg("needs_grad") = true,
         "Whether chainrule.functional.linear runs this CPU layer as torch's own F.linear + "
         "activation (csrc/cpu/gemm_path.h)");
-  m.def("_linear_as_torch_ops", &linear_as_torch_ops, pybind11::arg("input"),
+  m.def("_linear_first_step", &linear_first_step, pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("bias").none(true),
         pybind11::arg("activation").none(true), pybind11::arg("accumulate"),
         "chainrule.functional.linear's first step: the layer as torch's own ops where those are "
-        "at least as fast on this CPU, else None");
+        "at least as fast on this CPU, on the forward kernel called directly where it needs no "
+        "gradient, else None");
   m.def("_set_cpu_small_layers_to_torch", &set_small_layers_to_torch,
         "Whether tiny CPU layers run as torch's own ops in auto mode (default True)");
   m.def("_cpu_traits", [] {

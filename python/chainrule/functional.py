@@ -210,10 +210,13 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 # The first step of every call, in C++ (csrc/cpu/python_hooks.cpp): a valid CPU layer of plain
 # tensors (not subclasses such as DTensor) that torch's own F.linear + activation runs at least as
 # fast as chainrule's ops (a tiny layer, or one that chainrule would give to ATen's GEMM anyway:
-# csrc/cpu/gemm_path.cpp's prefers_torch_ops) comes back computed by those very ops; anything else
-# (autocast, a TorchFunctionMode, an unknown activation, invalid inputs, whose checks name what is
-# wrong) comes back None and goes on below. The same questions asked in Python cost ~2 µs a call.
-_as_torch_ops = _C._linear_as_torch_ops
+# csrc/cpu/gemm_path.cpp's prefers_torch_ops) comes back computed by those very ops; one of the
+# others that needs no gradient comes back from chainrule.linear_forward's CPU kernel, called
+# behind the op's checks without the dispatcher (calls_forward_kernel; not while a
+# TorchDispatchMode is active); anything else (autocast, a TorchFunctionMode, an unknown
+# activation, invalid inputs, whose checks name what is wrong) comes back None and goes on below.
+# The same questions asked in Python cost ~2 µs a call.
+_first_step = _C._linear_first_step
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -229,11 +232,12 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     + activation: one of at most 2^21 multiply-adds (the call overhead would exceed the work), or
     one the GEMM rule gives to ATen's GEMM in both passes without accumulate_grad (ATen's path
     would run the same ops); CHAINRULE_CPU_GEMM=ours|aten turns this off. A call that needs no
-    gradient runs the op without an autograd.Function.
+    gradient runs the op without an autograd.Function (on the CPU, in auto mode, its kernel
+    without the dispatcher).
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
-        output = _as_torch_ops(input, weight, bias, activation, accumulate_grad)
+        output = _first_step(input, weight, bias, activation, accumulate_grad)
         if output is not None:
             return output
     act = activation_op_name(activation)
