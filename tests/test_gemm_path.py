@@ -326,9 +326,9 @@ def test_no_grad_call_runs_the_forward_kernel_directly(dtype, activation):
 
 
 def test_no_grad_direct_call_names_errors_as_the_op_does():
-    """The first step's direct call checks as the op does: what it cannot take (a non-finite
-    shape aside, every invalid input is left to the op, tests/test_errors.py) raises the op's
-    error, naming chainrule.linear_forward."""
+    """With the direct call on, a no-grad call the step cannot take (an unknown activation, a
+    shape mismatch) still goes on to the checks that name chainrule.linear_forward and what was
+    wrong (tests/test_errors.py has the full matrix)."""
     x = torch.randn(2, 1024)
     w = torch.randn(1024, 1024)
     C._set_cpu_small_layers_to_torch(True)

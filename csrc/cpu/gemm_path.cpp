@@ -180,11 +180,14 @@ bool uses_gemv(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
   return choose_gemv(cpu_traits(), active_isa(), dtype, m, n, k);
 }
 
+// The switches of functional.linear's first step (prefers_torch_ops, calls_forward_kernel).
+bool first_step_on() {
+  return small_layers_to_torch() && gemm_path_mode() == GemmPathMode::automatic;
+}
+
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
                        bool needs_grad) {
-  if (!small_layers_to_torch() || gemm_path_mode() != GemmPathMode::automatic) {
-    return false;
-  }
+  if (!first_step_on()) return false;
   if (!needs_grad && uses_gemv(dtype, m, n, k)) return false;
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two
   // cores, about what chainrule's Python layers and op dispatch cost (bench_sweep.py).
@@ -201,7 +204,7 @@ bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bo
 }
 
 bool calls_forward_kernel(bool needs_grad) {
-  return !needs_grad && small_layers_to_torch() && gemm_path_mode() == GemmPathMode::automatic;
+  return !needs_grad && first_step_on();
 }
 
 bool parse_gemm_path_mode(std::string_view name, GemmPathMode* out) {
