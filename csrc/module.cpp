@@ -39,6 +39,16 @@ pybind11::dict build_info() {
   info["cpu_simd"] = chainrule::cpu::isa_name();  // [cpu-gemm] active ISA
   // [cpu-gemm] auto | ours | aten: how linear calls choose between our GEMM and ATen's
   info["cpu_gemm"] = chainrule::cpu::gemm_path_mode_name(chainrule::cpu::gemm_path_mode());
+  // [cpu-gemm] the data caches cpuid reports (bytes; 0: not reported), which fit our GEMM's
+  // blocking
+  const chainrule::cpu::CpuCaches& caches = chainrule::cpu::cpu_caches();
+  pybind11::dict cpu_caches;
+  cpu_caches["l1d"] = caches.l1d;
+  cpu_caches["l2"] = caches.l2;
+  cpu_caches["l3"] = caches.l3;
+  cpu_caches["l2_shared_by"] = caches.l2_shared_by;
+  cpu_caches["l3_shared_by"] = caches.l3_shared_by;
+  info["cpu_caches"] = cpu_caches;
   info["emulator_available"] = static_cast<bool>(CHAINRULE_EMULATOR_HOOKS);
   return info;
 }

@@ -185,3 +185,143 @@ def test_forcing_an_unsupported_isa_is_an_error():
     with pytest.raises(RuntimeError, match="unknown CPU ISA"):
         chainrule._C._set_cpu_isa("sse9")
     assert chainrule._C._cpu_isa() in ISAS
+
+
+# --- The blocking per CPU (docs/cpu_gemm.md, "Blocking per CPU") -------------------------------
+
+KIB, MIB = 1 << 10, 1 << 20
+# The CPU the kernels' blockings were tuned on (a 2-core Zen 4 guest) and what was measured there.
+TUNING_CACHES = dict(l2=1 * MIB, l3=32 * MIB, l3_shared_by=2)
+TUNED = {
+    ("avx512", torch.float32): dict(mr=14, nr=32, kc=1024, mc=224, nc=2048, a_block_bytes=448 * KIB),
+    ("avx512", torch.bfloat16): dict(mr=14, nr=32, kc=4096, mc=224, nc=2048, a_block_bytes=448 * KIB),
+    ("avx2", torch.float32): dict(mr=6, nr=16, kc=512, mc=96, nc=4096, a_block_bytes=192 * KIB),
+}
+DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+@pytest.fixture
+def described_caches():
+    """_set_cpu_caches for one test; cpuid's caches again afterwards."""
+    yield chainrule._C._set_cpu_caches
+    chainrule._C._set_cpu_caches(reset=True)
+
+
+def _blocking(dtype, threads=2):
+    return chainrule._C._cpu_gemm_blocking(DTYPE_NAME[dtype], threads)
+
+
+def _tuned(isa, dtype):
+    """The tuned blocking of isa's kernel for dtype, or None where this CPU runs none."""
+    if (isa, dtype) not in TUNED:
+        return None
+    if dtype == torch.bfloat16 and not chainrule._C._cpu_has_avx512_bf16():
+        return None
+    return TUNED[isa, dtype]
+
+
+def _sysfs_caches():
+    """cpu0's data caches as Linux reports them: {level: bytes}."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    if not os.path.isdir(root):
+        return None
+    sizes = {}
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if not entry.startswith("index"):
+            continue
+        with open(os.path.join(path, "type")) as f:
+            if f.read().strip() not in ("Data", "Unified"):
+                continue
+        with open(os.path.join(path, "level")) as f, open(os.path.join(path, "size")) as g:
+            level, size = int(f.read()), g.read().strip()
+        units = {"K": KIB, "M": MIB}
+        sizes[level] = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return sizes
+
+
+def test_cpuid_caches_are_the_ones_linux_reports():
+    """cpuid as the kernels read it (leaf 4 on Intel, 0x8000001D on AMD) against sysfs."""
+    if chainrule._C._cpu_traits()["vendor"] not in ("intel", "amd"):
+        pytest.skip("chainrule reads the caches of Intel and AMD CPUs only")
+    sysfs = _sysfs_caches()
+    if not sysfs:
+        pytest.skip("no /sys/devices/system/cpu/cpu0/cache")
+    caches = chainrule.build_info()["cpu_caches"]
+    reported = {1: caches["l1d"], 2: caches["l2"], 3: caches["l3"]}
+    for level, size in sysfs.items():
+        assert reported[level] == size, f"L{level}: cpuid {reported[level]}, sysfs {size}"
+    assert caches["l2_shared_by"] >= 1 and caches["l3_shared_by"] >= (1 if 3 in sysfs else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocking_on_the_tuning_cpu_is_as_measured(isa, dtype, described_caches):
+    described_caches(**TUNING_CACHES)
+    assert _blocking(dtype) == _tuned(isa, dtype)
+    # Fewer threads than share the L3: more L3 each, but nc never grows past the tuned one.
+    tuned = _tuned(isa, dtype)
+    if tuned is not None:
+        assert _blocking(dtype, threads=1)["nc"] == tuned["nc"]
+        described_caches(l2=0, l3=0)  # cpuid said nothing: the tuned blocking
+        assert _blocking(dtype) == tuned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocking_follows_the_caches(isa, dtype, described_caches):
+    tuned = _tuned(isa, dtype)
+    if tuned is None:
+        pytest.skip(f"no {dtype} GEMM kernel on {isa} here")
+    units = tuned["kc"] // (1 if dtype == torch.float32 else 2)
+    b_panel = 4 * units * tuned["nr"]
+    micro_panel = 4 * units * tuned["mr"]
+    fixed = {key: tuned[key] for key in ("mr", "nr", "kc", "mc")}
+    for l2 in (64 * KIB, 256 * KIB, 512 * KIB, 1280 * KIB, 2 * MIB, 4 * MIB):
+        described_caches(l2=l2, **{k: v for k, v in TUNING_CACHES.items() if k != "l2"})
+        bl = _blocking(dtype)
+        # The L2 that the B micro-panel leaves, in proportion to the tuning CPU's.
+        share = tuned["a_block_bytes"] * max(l2 - b_panel, 0) // (TUNING_CACHES["l2"] - b_panel)
+        assert bl["a_block_bytes"] == max(share, micro_panel), f"L2 {l2}"
+        assert (bl["a_block_bytes"] > tuned["a_block_bytes"]) == (l2 > TUNING_CACHES["l2"])
+        assert {key: bl[key] for key in fixed} == fixed and bl["nc"] == tuned["nc"]
+    # L3: (bytes, threads sharing it, GEMM threads) -> the share of the tuned nc.
+    for l3, shared_by, threads, fraction in [(8 * MIB, 2, 2, 1 / 4), (32 * MIB, 16, 16, 1 / 8),
+                                             (32 * MIB, 16, 2, 1), (256 * MIB, 2, 2, 1),
+                                             (6 * MIB, 2, 2, 3 / 16), (64 * KIB, 1, 1, 0)]:
+        described_caches(l2=TUNING_CACHES["l2"], l3=l3, l3_shared_by=shared_by)
+        bl = _blocking(dtype, threads=threads)
+        nc = int(tuned["nc"] * fraction) // tuned["nr"] * tuned["nr"]
+        assert bl["nc"] == max(nc, tuned["nr"]), f"L3 {l3} / {shared_by}, {threads} threads"
+        assert bl["a_block_bytes"] == tuned["a_block_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_the_blocking(isa, dtype, described_caches):
+    """Small caches give many more m and n blocks; kc stays, so every sum is the same, bit for bit:
+    the plain product and the layer's forward and backward on our GEMM."""
+    if _tuned(isa, dtype) is None:
+        pytest.skip(f"no {dtype} GEMM kernel on {isa} here")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(301, 1100, generator=g).to(dtype)
+    b = torch.randn(1100, 700, generator=g).to(dtype)
+    x, w = a, (b.t().contiguous() / 33)
+    bias = torch.randn(700, generator=g).to(dtype)
+    grad_out = torch.randn(301, 700, generator=g).to(dtype)
+    results = []
+    chainrule._C._set_cpu_gemm("ours")
+    try:
+        for caches in (TUNING_CACHES, dict(l2=64 * KIB, l3=1 * MIB, l3_shared_by=2)):
+            described_caches(**caches)
+            blocking = _blocking(dtype)
+            results.append((blocking, [chainrule._C._cpu_gemm(a, b),
+                                       *_run(x, w, bias, grad_out, "gelu", accumulate=True)]))
+    finally:
+        chainrule._C._set_cpu_gemm(None)
+    (tuned, expected), (small, got) = results
+    assert small["nc"] < tuned["nc"] and small["a_block_bytes"] < tuned["a_block_bytes"]
+    for name, e, o in zip(["product", "output", "grad_input", "grad_weight", "grad_bias"], expected, got):
+        assert torch.equal(e, o), f"{name} changed with the blocking"
+
+
+def test_describing_caches_is_checked(described_caches):
+    with pytest.raises(RuntimeError, match=r"_set_cpu_caches: sizes must be >= 0.*l2=-1"):
+        described_caches(l2=-1)

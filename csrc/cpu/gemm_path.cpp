@@ -12,22 +12,12 @@ namespace chainrule::cpu {
 
 namespace {
 
-void cpuid(unsigned leaf, unsigned subleaf, unsigned regs[4]) {
-  unsigned eax = leaf, ebx = 0, ecx = subleaf, edx = 0;
-  __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
-  regs[0] = eax; regs[1] = ebx; regs[2] = ecx; regs[3] = edx;
-}
-
 CpuTraits read_cpu_traits() {
   CpuTraits t;
-  unsigned r[4];
-  cpuid(0, 0, r);
-  char vendor[13] = {};
-  std::memcpy(vendor, &r[1], 4);
-  std::memcpy(vendor + 4, &r[3], 4);
-  std::memcpy(vendor + 8, &r[2], 4);
+  const char* vendor = cpu_vendor();
   if (std::strcmp(vendor, "GenuineIntel") == 0) t.vendor = CpuTraits::Vendor::intel;
   if (std::strcmp(vendor, "AuthenticAMD") == 0) t.vendor = CpuTraits::Vendor::amd;
+  unsigned r[4];
   cpuid(1, 0, r);
   const unsigned base_family = (r[0] >> 8) & 0xf, base_model = (r[0] >> 4) & 0xf;
   t.family = static_cast<int>(base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family);

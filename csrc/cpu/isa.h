@@ -6,6 +6,7 @@
 // fused epilogues.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string_view>
 
@@ -26,5 +27,23 @@ void set_isa_override(std::optional<CpuIsa> isa);
 bool parse_isa(std::string_view name, CpuIsa* out);
 const char* isa_name(CpuIsa isa);
 inline const char* isa_name() { return isa_name(active_isa()); }
+
+// One cpuid query: regs = eax, ebx, ecx, edx of (leaf, subleaf).
+void cpuid(unsigned leaf, unsigned subleaf, unsigned regs[4]);
+// The vendor string of cpuid leaf 0 ("GenuineIntel", "AuthenticAMD", ...).
+const char* cpu_vendor();
+
+// The data caches one core sees, as cpuid describes them (Intel: leaf 4; AMD: leaf 0x8000001D,
+// with the topology extensions): sizes in bytes, and how many logical processors share each.
+// 0 where the CPU does not say (other vendors, a hypervisor that hides the leaves).
+struct CpuCaches {
+  int64_t l1d = 0, l2 = 0, l3 = 0;
+  int l2_shared_by = 0, l3_shared_by = 0;
+};
+// cpuid's answer, or the caches set_cpu_caches_override describes.
+CpuCaches cpu_caches();
+// Describes other caches to the GEMM's blocking (tests, and timing another CPU's blocking on this
+// one); std::nullopt returns to cpuid's.
+void set_cpu_caches_override(std::optional<CpuCaches> caches);
 
 }  // namespace chainrule::cpu

@@ -335,6 +335,51 @@ void add_python_hooks(pybind11::module_& m) {
     d["amx_bf16"] = t.amx_bf16;
     return d;
   }, "What the CPU GEMM path rule reads of this CPU");
+  m.def("_cpu_gemm_blocking",
+        [](const std::string& dtype, std::optional<int> threads) -> pybind11::object {
+          const std::optional<gemm::ElementType> type =
+              our_gemm_type(dtype_from_name(dtype), active_isa());
+          const int n_threads =
+              threads ? *threads : static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
+          gemm::Blocking bl;
+          if (!type || !gemm::blocking_for(active_isa(), *type, cpu_caches(), n_threads, &bl)) {
+            return pybind11::none();
+          }
+          pybind11::dict d;
+          d["mr"] = bl.mr;
+          d["nr"] = bl.nr;
+          d["kc"] = bl.kc;
+          d["mc"] = bl.mc;
+          d["nc"] = bl.nc;
+          d["a_block_bytes"] = bl.a_block_bytes;
+          return d;
+        },
+        pybind11::arg("dtype"), pybind11::arg("threads").none(true) = pybind11::none(),
+        "The cache blocking of our GEMM's kernel for dtype with the active ISA, fitted to the "
+        "caches (cpuid's or _set_cpu_caches') and the threads (default torch's); None where "
+        "there is no kernel");
+  m.def("_set_cpu_caches",
+        [](std::optional<int64_t> l2, std::optional<int64_t> l3, std::optional<int> l3_shared_by,
+           bool reset) {
+          if (reset) {
+            set_cpu_caches_override(std::nullopt);
+            return;
+          }
+          CpuCaches caches = cpu_caches();
+          if (l2) caches.l2 = *l2;
+          if (l3) caches.l3 = *l3;
+          if (l3_shared_by) caches.l3_shared_by = *l3_shared_by;
+          TORCH_CHECK(caches.l2 >= 0 && caches.l3 >= 0 && caches.l3_shared_by >= 0,
+                      "chainrule._C._set_cpu_caches: sizes must be >= 0 (0: not reported), got "
+                      "l2=", caches.l2, ", l3=", caches.l3, ", l3_shared_by=", caches.l3_shared_by);
+          set_cpu_caches_override(caches);
+        },
+        pybind11::arg("l2").none(true) = pybind11::none(),
+        pybind11::arg("l3").none(true) = pybind11::none(),
+        pybind11::arg("l3_shared_by").none(true) = pybind11::none(),
+        pybind11::arg("reset") = false,
+        "Describes other caches (bytes) to our GEMM's blocking, the rest as they are now; "
+        "reset=True returns to cpuid's");
   m.def("_cpu_gemm", &gemm_for_python,
         "C = A @ B (2-D float32/bfloat16, row-major) on chainrule's CPU GEMM with the active ISA");
 }

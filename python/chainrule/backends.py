@@ -112,6 +112,24 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
     return _C._cpu_gemm_path(names[dtype], backward, m, n, k)
 
 
+def cpu_gemm_blocking(dtype=None) -> Optional[dict]:
+    """The cache blocking chainrule's CPU GEMM runs `dtype` (default float32) with on this CPU,
+    with the active ISA and torch's thread count: the micro-tile (mr x nr), kc, the bound on mc,
+    nc, and the bytes of the packed A block that pick mc per call; None where chainrule has no
+    GEMM kernel for the dtype here. Fitted to the caches cpuid reports
+    (`chainrule.build_info()["cpu_caches"]`; docs/cpu_gemm.md, "Blocking per CPU").
+    """
+    import torch  # noqa: PLC0415
+
+    from .functional import DTYPE_NAMES as names  # noqa: PLC0415
+
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in names:
+        raise ValueError(f"chainrule.backends.cpu_gemm_blocking: dtype must be a floating dtype, "
+                         f"got {dtype}")
+    return _C._cpu_gemm_blocking(names[dtype])
+
+
 def cpu_gemm_mode() -> str:
     """'auto', 'ours' or 'aten': how CPU linear calls choose their GEMM now."""
     return _C._cpu_gemm_mode()

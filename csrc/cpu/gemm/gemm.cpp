@@ -75,6 +75,32 @@ std::pair<int64_t, int64_t> part_range(int64_t extent, int64_t unit, int parts, 
   return {std::min(begin, extent), end};
 }
 
+// See blocking_for (gemm.h).
+Blocking fitted_blocking(const Blocking& tuned, ElementType type, const CpuCaches& caches,
+                         int threads) {
+  Blocking bl = tuned;
+  const int64_t ku = type == ElementType::float32 ? 1 : 2;
+  const int64_t panel_row_bytes = 4 * ((tuned.kc + ku - 1) / ku);  // one packed row of kc
+  if (caches.l2 > 0) {
+    // The L2 the B micro-panel leaves, in proportion to what it left on the tuning CPU; at least
+    // one micro-panel of A.
+    const int64_t b_panel = panel_row_bytes * tuned.nr;
+    const int64_t left = std::max<int64_t>(caches.l2 - b_panel, 0);
+    bl.a_block_bytes = std::max(tuned.a_block_bytes * left / (kTunedL2Bytes - b_panel),
+                                panel_row_bytes * tuned.mr);
+  }
+  if (caches.l3 > 0) {
+    // The L3 per thread of the GEMM's (of those that share it), against the tuning CPU's.
+    const int64_t sharing = std::clamp(threads, 1, std::max(caches.l3_shared_by, 1));
+    const int64_t per_thread = caches.l3 / sharing;
+    if (per_thread < kTunedL3BytesPerThread) {
+      const int64_t nc = tuned.nc * per_thread / kTunedL3BytesPerThread / tuned.nr * tuned.nr;
+      bl.nc = std::max<int64_t>(nc, tuned.nr);
+    }
+  }
+  return bl;
+}
+
 }  // namespace
 
 void activation_map(CpuIsa isa, Activation activation, bool derivative, const float* in,
@@ -90,13 +116,20 @@ void activation_map(CpuIsa isa, Activation activation, bool derivative, const fl
 
 bool supports(CpuIsa isa, ElementType type) { return kernels_for(isa, type) != nullptr; }
 
+bool blocking_for(CpuIsa isa, ElementType type, const CpuCaches& caches, int threads,
+                  Blocking* out) {
+  const KernelSet* ks = kernels_for(isa, type);
+  if (ks == nullptr) return false;
+  *out = fitted_blocking(ks->blocking, type, caches, threads);
+  return true;
+}
+
 void run(const Problem& p, CpuIsa isa) {
   const KernelSet* ks = kernels_for(isa, p.type);
   TORCH_INTERNAL_ASSERT(ks != nullptr, "chainrule: no CPU GEMM kernel for this ISA and dtype");
   TORCH_INTERNAL_ASSERT(p.a_row_stride == 1 || p.a_col_stride == 1);
   TORCH_INTERNAL_ASSERT(p.b_row_stride == 1 || p.b_col_stride == 1);
   if (p.m == 0 || p.n == 0) return;
-  Blocking bl = ks->blocking;
   if (p.k == 0) {
     // Nothing to multiply, but the epilogue still runs (C = act(bias) or C unchanged).
     // Callers handle k == 0 themselves; see csrc/cpu/linear.cpp.
@@ -107,6 +140,7 @@ void run(const Problem& p, CpuIsa isa) {
   const double flops = 2.0 * p.m * p.n * p.k;
   int threads = static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
   threads = static_cast<int>(std::min<double>(threads, std::max(1.0, flops / 2e6)));
+  Blocking bl = fitted_blocking(ks->blocking, p.type, cpu_caches(), threads);
   int row_parts = 1, col_parts = 1;
   choose_grid(p.m, p.n, bl, threads, &row_parts, &col_parts);
   const int parts = row_parts * col_parts;

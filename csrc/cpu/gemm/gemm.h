@@ -50,6 +50,25 @@ struct Problem {
   void* pre_activation = nullptr;
 };
 
+// The cache blocks our GEMM runs with. Packed panels are stored in 4-byte units: one float
+// (fp32) or one pair of bf16 values adjacent in k (bf16, the operand layout of vdpbf16ps).
+struct Blocking {
+  int mr, nr;          // micro-tile
+  int64_t kc, mc, nc;  // cache blocks, in elements of k, m, n (kc is even); mc is an upper bound
+  int64_t a_block_bytes;  // run() picks mc so the packed mc x kc A block is about this
+};
+
+// The blocking of `isa`'s kernel for `type` on a CPU with `caches`, for a GEMM on `threads`
+// threads (run() asks with cpu_caches() and its threads); false where there is no kernel. Each
+// kernel's blocking was tuned on a CPU with a 1 MiB L2 per core and 16 MiB of L3 per thread (a
+// 2-core Zen 4) and is fitted to other caches (docs/cpu_gemm.md, "Blocking per CPU"): the packed
+// A block scales with the L2 that the kc x nr B micro-panel leaves; each thread's kc x nc B block
+// shrinks with less L3 per thread (of the GEMM's threads, those that share it), and never grows
+// past the tuned nc. A cache cpuid does not report keeps the tuned value. kc and the micro-tile
+// stay as tuned, so the order of every sum, and so the results' bits, do not depend on the caches.
+bool blocking_for(CpuIsa isa, ElementType type, const CpuCaches& caches, int threads,
+                  Blocking* out);
+
 // Whether our kernels run `problem` with `isa` (fp32 needs avx2 or avx512; bf16 needs avx512
 // with AVX512_BF16). Otherwise the caller uses ATen's GEMM.
 bool supports(CpuIsa isa, ElementType type);

@@ -201,6 +201,8 @@ void activation_map_impl(Activation activation, bool derivative, const float* in
 // 32 MiB L3. What matters most on this CPU is a long kc: every k block costs one read-modify-write pass of
 // C. Measured on one core, per CPU-second, 2048^3 and 4096x1024x4096: kc/mc = 256/168: 88,
 // 512/112: 95-97, 1024/56: 90-106, 1024/112: 95-106 GFLOP/s (peak 110).
+// These are the tuning CPU's (Zen 4, kTunedL2Bytes / kTunedL3BytesPerThread); run() fits the A
+// block and nc to the caches of the CPU it runs on (blocking_for in gemm.h).
 constexpr int64_t kABlockBytes = 448 << 10;
 constexpr Blocking kF32Blocking{kMr, kNr, /*kc=*/1024, /*mc=*/kMr * 16, /*nc=*/kNr * 64, kABlockBytes};
 // Same bytes per panel as fp32: a packed unit holds two bf16 values. kc = 4096 lets the backward

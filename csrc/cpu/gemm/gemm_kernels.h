@@ -10,14 +10,6 @@
 
 namespace chainrule::cpu::gemm {
 
-// Packed panels are stored in 4-byte units: one float (fp32) or one pair of bf16 values adjacent
-// in k (bf16, the operand layout of vdpbf16ps).
-struct Blocking {
-  int mr, nr;          // micro-tile
-  int64_t kc, mc, nc;  // cache blocks, in elements of k, m, n (kc is even); mc is an upper bound
-  int64_t a_block_bytes;  // the front end picks mc so the packed mc x kc A block is about this
-};
-
 // Per-thread scratch handed to a block by the front end.
 struct Workspace {
   uint32_t* a_pack;  // ceil(mc / mr) * mr * ceil(kc / 2 or 1) units
@@ -31,8 +23,14 @@ struct Workspace {
 using BlockFn = void (*)(const Problem& problem, const Blocking& blocking, int64_t m0, int64_t m1,
                          int64_t n0, int64_t n1, bool owns_row_sums, const Workspace& workspace);
 
+// The caches of the CPU the kernel sets' blockings were tuned on (AMD Zen 4, 2 threads: 1 MiB of
+// L2 per core, 32 MiB of L3 shared by both, 16 MiB per thread); fitted_blocking scales them to
+// other caches.
+constexpr int64_t kTunedL2Bytes = int64_t{1} << 20;
+constexpr int64_t kTunedL3BytesPerThread = int64_t{16} << 20;
+
 struct KernelSet {
-  Blocking blocking;
+  Blocking blocking;  // as tuned; run() fits it to the CPU's caches (fitted_blocking)
   BlockFn run_block;
 };
 

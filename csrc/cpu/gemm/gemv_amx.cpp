@@ -77,14 +77,12 @@ void write_rows(const float (*sums)[kTileRows], int rows, const uint16_t* x, int
 
 bool amx_available() {
   static const bool available = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
-    if (eax < 7) return false;  // no leaf 7: no AMX
-    eax = 7;
-    ecx = 0;
-    __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    unsigned r[4];
+    cpuid(0, 0, r);
+    if (r[0] < 7) return false;  // no leaf 7: no AMX
+    cpuid(7, 0, r);
     // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
-    if (!((edx >> 22) & 1u) || !((edx >> 24) & 1u)) return false;
+    if (!((r[3] >> 22) & 1u) || !((r[3] >> 24) & 1u)) return false;
     // Linux hands out the 8 KiB of tile data state per process on request (ARCH_REQ_XCOMP_PERM
     // for XFEATURE_XTILEDATA); a kernel without AMX support refuses, and the tiles stay unused.
     constexpr long kArchReqXcompPerm = 0x1023;
