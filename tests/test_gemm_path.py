@@ -167,8 +167,8 @@ def test_layers_run_as_torch_ops_in_auto_mode(activation):
     assert not prefers("float32", 1, 1, 1, False)  # the suite runs with it off (conftest)
     C._set_cpu_small_layers_to_torch(True)
     try:
-        assert prefers("float32", 1, 1024, 2048, True)
-        assert not prefers("float32", 1, 1024, 2049, True)
+        assert prefers("float32", 16, 128, 1024, True)  # 2^21 multiply-adds
+        assert not prefers("float32", 16, 129, 1024, True)
         for dtype in ("float32", "bfloat16"):
             both_aten = all(C._cpu_gemm_path(dtype, backward, 512, 1024, 1024) == "aten"
                             for backward in (False, True))

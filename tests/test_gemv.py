@@ -169,8 +169,10 @@ def test_layer_on_the_gemv(isa, dtype, activation):
 
 def test_no_grad_decoding_takes_chainrule_op_where_the_gemv_runs():
     """In auto mode, with torch's own ops on for small layers: a forward that needs no gradient
-    and that the rule gives to the GEMV runs chainrule's op; with a gradient it stays on torch's
-    ops (the backward of so few rows gains nothing from chainrule)."""
+    and that the rule gives to the GEMV runs chainrule's op; with a gradient too, for at most 4
+    rows of a weight of at least 2^18 values (gemm_path.h, kGemvGradMaxRows, kGemvGradMinWeights),
+    where the GEMV's forward saves more than the op's fixed cost; a smaller weight stays on
+    torch's ops."""
     layer = chainrule.nn.Linear(1024, 1024, activation="gelu", dtype=torch.bfloat16)
     x = torch.randn(1, 1024, dtype=torch.bfloat16)
     gemv_here = C._cpu_gemm_path("bfloat16", False, 1, 1024, 1024) == "gemv"
@@ -185,8 +187,14 @@ def test_no_grad_decoding_takes_chainrule_op_where_the_gemv_runs():
             ("gemv" if gemv_here else "torch")
         with RecordOps() as record:
             y_grad = layer(x)
+        assert bool(record.chainrule_ops()) == gemv_here
+        assert chainrule.backends.cpu_gemm_path(1, 1024, 1024, torch.bfloat16) == \
+            ("gemv" if gemv_here else "torch")
+        small = chainrule.nn.Linear(256, 511, activation="gelu", dtype=torch.bfloat16)  # < 2^18
+        with RecordOps() as record:
+            small(x[:, :256])
         assert not record.chainrule_ops()
-        assert chainrule.backends.cpu_gemm_path(1, 1024, 1024, torch.bfloat16) == "torch"
+        assert chainrule.backends.cpu_gemm_path(1, 256, 511, torch.bfloat16) == "torch"
     finally:
         C._set_cpu_small_layers_to_torch(False)
     torch.testing.assert_close(y.float(), y_grad.detach().float(), rtol=2 ** -7, atol=2 ** -7)

@@ -178,7 +178,10 @@ bool first_step_on() {
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
                        bool needs_grad) {
   if (!first_step_on()) return false;
-  if (!needs_grad && uses_gemv(dtype, m, n, k)) return false;
+  if (uses_gemv(dtype, m, n, k) &&
+      (!needs_grad || (m <= kGemvGradMaxRows && n * k >= kGemvGradMinWeights))) {
+    return false;
+  }
   // 2^21 multiply-adds: a 1 x 1024 x 1024 or 512 x 64 x 64 layer, ~20-100 µs of work on two
   // cores, about what chainrule's Python layers and op dispatch cost (bench_sweep.py).
   constexpr double kMaxMultiplyAdds = double(1 << 21);

@@ -53,8 +53,14 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // runs the very ops eager PyTorch runs and would only add that fixed cost. Only in auto mode, and
 // only while set_small_layers_to_torch(true) (the default, unless CHAINRULE_CPU_TORCH_OPS=0; the
 // test suite turns it off to test chainrule's own code at every size).
-// A forward that takes our GEMV (uses_gemv) and needs no gradient is the exception: decoding runs
-// faster on chainrule's kernel than on torch's, at every weight size (calls_forward_kernel).
+// A forward that takes our GEMV (uses_gemv) is the exception: without a gradient (decoding) at
+// every weight size (calls_forward_kernel); with one, of at most kGemvGradMaxRows rows and a
+// weight of at least kGemvGradMinWeights values, where the GEMV's forward saves more than the op
+// and the autograd.Function cost (the backward runs on ATen's GEMM, as eager's does): forward +
+// backward 1.09-1.21x eager on the Zen 4 (docs/cpu_gemm.md, "Calls without a gradient"); at
+// 5-8 rows 0.98-1.10x, at 1 x 256 x 256 0.90x.
+constexpr int64_t kGemvGradMaxRows = 4;
+constexpr int64_t kGemvGradMinWeights = int64_t{1} << 18;
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
                        bool needs_grad = true);
 

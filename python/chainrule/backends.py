@@ -93,7 +93,8 @@ def cpu_gemm_path(m: int, k: int, n: int, dtype=None, *, backward: bool = False,
     (the weight streamed once, then the one-pass epilogue); 'torch' is a layer that
     chainrule.functional.linear runs as torch's own F.linear + activation, because it is tiny (at
     most 2^21 multiply-adds) or would take ATen's GEMM both ways without accumulate_grad anyway,
-    except a forward without gradient that the GEMV runs. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
+    except a forward that the GEMV runs: without gradient always, with one for at most 4 rows of a
+    weight of at least 2^18 values. The rule (csrc/cpu/gemm_path.cpp, docs/cpu_gemm.md) depends
     only on the CPU, the dtype and the shape, so a call always takes the same path. The
     environment variable CHAINRULE_CPU_GEMM=auto|ours|aten (read once) overrides it; `ours` still
     uses ATen where chainrule has no kernel for the dtype on this CPU.
