@@ -58,7 +58,7 @@ GemmPath gemm_path(at::ScalarType dtype, bool ours_available, LinearPass pass, i
 // weight of at least kGemvGradMinWeights values, where the GEMV's forward saves more than the op
 // and the autograd.Function cost (the backward runs on ATen's GEMM, as eager's does): forward +
 // backward 1.09-1.21x eager on the Zen 4 (docs/cpu_gemm.md, "Calls without a gradient"); at
-// 5-8 rows 0.98-1.10x, at 1 x 256 x 256 0.90x.
+// 8 rows 0.98-1.10x, at 1 x 256 x 256 0.90x.
 constexpr int64_t kGemvGradMaxRows = 4;
 constexpr int64_t kGemvGradMinWeights = int64_t{1} << 18;
 bool prefers_torch_ops(at::ScalarType dtype, int64_t m, int64_t n, int64_t k, bool accumulate,
